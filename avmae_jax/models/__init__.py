@@ -1,0 +1,1 @@
+"""Flax (linen) models: CAV-MAE pretraining and fine-tuning, and their layers."""
