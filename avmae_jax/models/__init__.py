@@ -1,1 +1,77 @@
-"""Flax (linen) models: CAV-MAE pretraining and fine-tuning, and their layers."""
+"""Flax (linen) models and the one place that turns a model config into a module.
+
+A model config is a mapping whose `kind` names the class and whose other fields are that
+class's dataclass fields (dtype given by name, e.g. "bfloat16"). Size presets live here so
+that configs/, the PyTorch interop and the tests share them.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from avmae_jax.models.cav_mae import CAVMAE, CAVMAEFT
+
+MODEL_CLASSES = {"cav_mae": CAVMAE, "cav_mae_ft": CAVMAEFT}
+
+# Encoder and decoder widths/depths per size. `base` is the paper's; `tiny` keeps the real
+# input sizes (1024x128 audio, 224x224 frames) so it runs on real data, for tests and the demo.
+# Head counts keep head_dim 64 (encoder) and 32 (decoder), the convention `.pth` import uses.
+SIZES = {
+    "base": dict(embed_dim=768, num_heads=12, modality_specific_depth=11, shared_depth=1,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "tiny": dict(embed_dim=128, num_heads=2, modality_specific_depth=2, shared_depth=1,
+                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
+}
+DECODER_FIELDS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
+def size_fields(size: str, kind: str = "cav_mae") -> dict[str, Any]:
+  if size not in SIZES:
+    raise ValueError(f"model size must be one of {sorted(SIZES)}, got {size!r}")
+  fields = dict(SIZES[size])
+  if kind == "cav_mae_ft":
+    for name in DECODER_FIELDS:
+      fields.pop(name)
+  return fields
+
+
+def build(config: Mapping[str, Any]) -> nn.Module:
+  """Builds the module a model config describes; unknown fields are errors, not ignored."""
+  fields = dict(config)
+  kind = fields.pop("kind", None)
+  if kind not in MODEL_CLASSES:
+    raise ValueError(f"model.kind must be one of {sorted(MODEL_CLASSES)}, got {kind!r}")
+  cls = MODEL_CLASSES[kind]
+  known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"model config for {kind!r} has unknown field(s) {unknown}; "
+                     f"known: {sorted(known)}")
+  if "dtype" in fields:
+    fields["dtype"] = to_dtype(fields["dtype"])
+  return cls(**fields)
+
+
+def to_dtype(name: Any):
+  if not isinstance(name, str):
+    return name
+  if name not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {name!r}")
+  return jnp.dtype(name)
+
+
+def kind_of(model: nn.Module) -> str:
+  for kind, cls in MODEL_CLASSES.items():
+    if type(model) is cls:  # pylint: disable=unidiomatic-typecheck
+      return kind
+  raise TypeError(f"not an avmae_jax model: {type(model).__name__}")
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+  """The JSON-able config that `build` turns back into `model`."""
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in ("parent", "name")}
+  fields["dtype"] = jnp.dtype(fields["dtype"]).name
+  return {"kind": kind_of(model), **fields}

@@ -1,0 +1,649 @@
+"""The tf.data input pipeline: prepared examples (schema.py) in, numpy batches out.
+
+Reads a prepared TFDS dataset (by builder name + data_dir, or a builder directory) or
+any `tf.data.Dataset` of schema examples, takes this host's disjoint shard, shuffles,
+decodes only the frames it needs, applies the reference's transforms (transforms.py)
+and yields this host's share of the global batch as a dict of numpy arrays, ready for
+`jax.make_array_from_process_local_data`:
+
+  audio   [b, target_length, 128]            normalised log-mel (float32 or bfloat16)
+  frames  [b, 224, 224, 3]                   CAV-MAE, ImageNet-normalised, NHWC
+          [b, 10, 224, 224, 3]               CAV-MAE with eval_all_frames
+          [b, num_frames, 224, 224, 3]       MAViL
+  labels  [b, C] float32                     soft targets (smoothing, mixup)
+  mask    [b] float32                        1 for real examples, 0 for the padding of
+                                             the last evaluation batch
+  clip_id [b] bytes (object)                 only with return_clip_id; drop it before
+                                             putting the batch on devices
+
+Determinism and state. There is no hidden random state: the order of an epoch is a
+function of (seed, epoch, host) (TFDS file order and the shuffle buffer are seeded
+with it, balanced-sampling draws come from a numpy generator keyed on it), and every
+augmentation draw uses stateless ops keyed on (seed, epoch, host, example position or
+batch step). So the iterator state is just (epoch, batches consumed in the epoch):
+`get_state()` returns a small JSON-able dict and `set_state()` rebuilds the epoch's
+dataset and skips the consumed examples BEFORE the expensive decoding (frames and the
+zlib-compressed log-mel are read with SkipDecoding), so a mid-epoch restore costs one
+read of the skipped records, with an exact continuation. We chose this over
+tf.train.Checkpoint(iterator=...), which would store the shuffle buffer (hundreds of
+MB of encoded clips) in every checkpoint.
+
+Multi-host. Each process reads `tfds.even_splits(split, process_count)[process_index]`
+(or `Dataset.shard` for in-memory datasets) and yields batch_size // process_count
+examples per step. In training every host runs the same number of steps per epoch
+(the smallest shard decides), so the state is the same on every host; in evaluation
+every host yields the same number of batches (the largest shard decides), padding
+with mask = 0.
+
+Balanced sampling (spec 3): per-class weight 1000 / (count + 0.01), clip weight = sum
+over its labels; each epoch draws the host's shard size of clips with replacement
+(numpy multinomial counts over the shard, exact), emits each clip as many times as it
+was drawn and shuffles. Class counts are those of the host's shard (proportional to
+the global ones up to sampling noise), or per-clip weights come from a file.
+"""
+
+import dataclasses
+import json
+from typing import Any, Iterator, Mapping, Optional
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from avmae_jax.data import schema
+from avmae_jax.data import transforms as T
+
+STATE_VERSION = 1
+MODES = ('cav_mae', 'mavil')
+STAGES = ('pretrain', 'finetune', 'eval')
+DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16}
+
+CAV_MAE_NORM = (-5.081, 4.4849, 1.0)
+MAVIL_NORM = (-4.2677393, 4.5689974, 2.0)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def default_data_config(stage: str = 'pretrain',
+                        mode: str = 'cav_mae') -> ml_collections.ConfigDict:
+  """The `config.data` section with the reference's defaults for a stage and model.
+
+  Args:
+    stage: 'pretrain' (noise on, no SpecAugment/mixup), 'finetune' (noise, SpecAugment
+      48/192, mixup 0.5, label smoothing 0.1) or 'eval' (one ordered pass, no
+      augmentation, frame 5, clip ids).
+    mode: 'cav_mae' (one frame, mean/std -5.081/4.4849) or 'mavil' (8 frames at 2
+      frames/s, (x - mean) / (2 std) with -4.2677393/4.5689974).
+  """
+  if stage not in STAGES:
+    raise ValueError(f'stage must be one of {STAGES}, got {stage!r}')
+  if mode not in MODES:
+    raise ValueError(f'config.data.mode must be one of {MODES}, got {mode!r}')
+  c = ml_collections.ConfigDict()
+  # Where the prepared examples are: a TFDS builder name (+ data_dir), or a
+  # prepared dataset's directory (builder_dir). Tests pass a tf.data.Dataset instead.
+  c.name = ''
+  c.data_dir = ''
+  c.builder_dir = ''
+  c.split = 'train' if stage != 'eval' else 'test'
+  # True: shuffled, endless epochs, random frame, augmentation. False: one ordered
+  # pass, frame `frame_use`, no augmentation or smoothing, last batch padded.
+  c.training = stage != 'eval'
+  c.batch_size = 48  # GLOBAL; each host yields batch_size // process_count.
+  c.shuffle_buffer = 2048  # encoded clips (~0.3 MB each) held for shuffling.
+  c.shuffle_files = True
+  c.seed = 0
+  c.mode = mode
+  # Audio (spec 1).
+  c.target_length = schema.TARGET_FRAMES
+  c.num_mel_bins = schema.NUM_MEL_BINS
+  mean, std, factor = CAV_MAE_NORM if mode == 'cav_mae' else MAVIL_NORM
+  c.norm_mean = mean
+  c.norm_std = std
+  c.norm_std_factor = factor  # MAViL divides by 2 std.
+  c.noise = stage != 'eval'
+  c.freqm = 48 if stage == 'finetune' else 0
+  c.timem = 192 if stage == 'finetune' else 0
+  # Labels and mixup (spec 3).
+  c.mixup = 0.5 if stage == 'finetune' else 0.0
+  c.mixup_alpha = 10.0
+  c.label_smooth = 0.1 if stage == 'finetune' else 0.0
+  c.balanced_sampling = False
+  c.balanced_weights_file = ''  # optional .npy/.csv of per-clip weights of the shard.
+  # Frames (spec 2; MAViL).
+  c.frame_size = schema.FRAME_SIZE
+  c.frame_use = -1  # evaluation frame; -1 means 5 (the reference's choice).
+  c.eval_all_frames = False  # CAV-MAE evaluation aggregation: all 10 frames.
+  c.num_frames = 8 if mode == 'mavil' else 1
+  c.mavil_fps = 2.0
+  # Output.
+  c.dtype = 'float32'  # or 'bfloat16', for audio and frames.
+  c.return_clip_id = stage == 'eval'
+  c.num_parallel_calls = -1  # -1 = AUTOTUNE.
+  c.prefetch = 4  # batches.
+  # Compile the batch transforms with XLA (several times faster on CPU hosts).
+  c.jit_transforms = True
+  return c
+
+
+def validate_config(c) -> None:
+  """Raises ValueError naming the first bad field of a `config.data` section."""
+
+  def bad(field, msg):
+    raise ValueError(f'config.data.{field}: {msg} (got {c.get(field)!r})')
+
+  if c.mode not in MODES:
+    bad('mode', f'must be one of {MODES}')
+  if not isinstance(c.batch_size, int) or c.batch_size <= 0:
+    bad('batch_size', 'must be a positive int (the GLOBAL batch size)')
+  if not isinstance(c.shuffle_buffer, int) or c.shuffle_buffer < 0:
+    bad('shuffle_buffer', 'must be an int >= 0')
+  if not isinstance(c.seed, int):
+    bad('seed', 'must be an int')
+  if not isinstance(c.target_length, int) or c.target_length <= 0:
+    bad('target_length', 'must be a positive int')
+  if c.num_mel_bins != schema.NUM_MEL_BINS:
+    bad('num_mel_bins', f'prepared data has {schema.NUM_MEL_BINS} bins')
+  if not float(c.norm_std) > 0:
+    bad('norm_std', 'must be > 0')
+  if not float(c.norm_std_factor) > 0:
+    bad('norm_std_factor', 'must be > 0')
+  if not isinstance(c.freqm, int) or not 0 <= c.freqm <= c.num_mel_bins:
+    bad('freqm', f'must be an int in [0, {c.num_mel_bins}]')
+  if not isinstance(c.timem, int) or not 0 <= c.timem <= c.target_length:
+    bad('timem', f'must be an int in [0, {c.target_length}]')
+  if not 0.0 <= float(c.mixup) <= 1.0:
+    bad('mixup', 'is a probability, must be in [0, 1]')
+  if not float(c.mixup_alpha) > 0:
+    bad('mixup_alpha', 'must be > 0')
+  if not 0.0 <= float(c.label_smooth) < 1.0:
+    bad('label_smooth', 'must be in [0, 1)')
+  if not isinstance(c.frame_use, int) or c.frame_use < -1:
+    bad('frame_use', 'must be -1 (frame 5) or a frame index >= 0')
+  if c.mode == 'mavil':
+    if not isinstance(c.num_frames, int) or c.num_frames <= 0:
+      bad('num_frames', 'must be a positive int in mavil mode')
+    if not float(c.mavil_fps) > 0:
+      bad('mavil_fps', 'must be > 0')
+    if c.eval_all_frames:
+      bad('eval_all_frames', 'is a CAV-MAE option; MAViL always takes num_frames')
+  elif c.num_frames != 1:
+    bad('num_frames', "must be 1 in cav_mae mode (use eval_all_frames for 10)")
+  if c.dtype not in DTYPES:
+    bad('dtype', f'must be one of {tuple(DTYPES)}')
+  if not isinstance(c.prefetch, int) or c.prefetch < 0:
+    bad('prefetch', 'must be an int >= 0')
+  if not isinstance(c.num_parallel_calls, int) or (
+      c.num_parallel_calls <= 0 and c.num_parallel_calls != -1):
+    bad('num_parallel_calls', 'must be -1 (AUTOTUNE) or a positive int')
+  if c.balanced_sampling and not c.training:
+    bad('balanced_sampling', 'only applies when training')
+  if c.balanced_weights_file and not c.balanced_sampling:
+    bad('balanced_weights_file', 'is set but balanced_sampling is off')
+  if c.builder_dir and c.name:
+    bad('builder_dir', 'set either name (+ data_dir) or builder_dir, not both')
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class _TfdsSource:
+  """One host's shard of a prepared TFDS split, heavy features left encoded."""
+
+  def __init__(self, builder, split, process_index, process_count):
+    self._builder = builder
+    self._features = builder.info.features
+    shards = tfds.even_splits(split, n=process_count)
+    self.shard_sizes = [builder.info.splits[s].num_examples for s in shards]
+    self._split = shards[process_index]
+    self.num_examples = self.shard_sizes[process_index]
+    self.description = f'{builder.name}:{split}'
+
+  def dataset(self, shuffle_seed: Optional[int]) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    read_config = tfds.ReadConfig(
+        options=options, try_autocache=False, shuffle_seed=shuffle_seed,
+        skip_prefetch=True)
+    ds = self._builder.as_dataset(
+        split=self._split,
+        shuffle_files=shuffle_seed is not None,
+        read_config=read_config,
+        decoders={
+            schema.FBANK: tfds.decode.SkipDecoding(),
+            schema.FRAMES: tfds.decode.SkipDecoding(),
+        })
+    return ds.map(_select_keys)
+
+  def decode_fbank(self, raw):
+    return self._features[schema.FBANK].decode_example(raw)
+
+
+class _DatasetSource:
+  """One host's shard (`Dataset.shard`) of an in-memory dataset of schema examples.
+
+  Elements are dicts with fbank (float [T, 128]), frames (string [N] of JPEGs or
+  uint8 [N, H, W, 3]), labels (multi-hot [C]) and optionally clip_id, frame_times.
+  """
+
+  def __init__(self, dataset, process_index, process_count):
+    n = int(dataset.cardinality())
+    if n < 0:  # Unknown or infinite: count once (finite datasets only).
+      n = int(dataset.reduce(np.int64(0), lambda a, _: a + 1))
+    self.shard_sizes = [len(range(i, n, process_count))
+                        for i in range(process_count)]
+    self.num_examples = self.shard_sizes[process_index]
+    self._ds = dataset.shard(process_count, process_index).map(_select_keys)
+    self.description = 'in-memory dataset'
+
+  def dataset(self, shuffle_seed: Optional[int]) -> tf.data.Dataset:
+    del shuffle_seed  # In-memory order is canonical; the shuffle buffer shuffles.
+    return self._ds
+
+  def decode_fbank(self, x):
+    return x
+
+
+def _select_keys(e):
+  out = {k: e[k] for k in (schema.FBANK, schema.FRAMES, schema.LABELS)}
+  out[schema.CLIP_ID] = e.get(schema.CLIP_ID, tf.constant(''))
+  if schema.FRAME_TIMES in e:
+    out[schema.FRAME_TIMES] = tf.cast(e[schema.FRAME_TIMES], tf.float32)
+  return out
+
+
+def _make_source(c, dataset, process_index, process_count):
+  if dataset is not None:
+    return _DatasetSource(dataset, process_index, process_count)
+  if c.builder_dir:
+    builder = tfds.builder_from_directory(c.builder_dir)
+  elif c.name:
+    builder = tfds.builder(c.name, data_dir=c.data_dir or None)
+  else:
+    raise ValueError('config.data.name (or builder_dir) must name a prepared '
+                     'dataset when no tf.data.Dataset is given')
+  return _TfdsSource(builder, c.split, process_index, process_count)
+
+
+# ----------------------------------------------------------------------------- balanced sampling
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+  """Spec 3: per-class weight 1000 / (count + 0.01); clip weight = sum over its labels.
+
+  Args:
+    labels: multi-hot [N, C].
+  Returns:
+    float64 [N] per-clip sampling weights.
+  """
+  labels = np.asarray(labels) > 0
+  counts = labels.sum(axis=0)
+  class_w = 1000.0 / (counts + 0.01)
+  return labels.astype(np.float64) @ class_w
+
+
+def _read_labels(source) -> np.ndarray:
+  ds = source.dataset(None).map(lambda e: tf.cast(e[schema.LABELS] > 0, tf.uint8))
+  chunks = [np.asarray(b) for b in ds.batch(4096).as_numpy_iterator()]
+  return np.concatenate(chunks, axis=0)
+
+
+def _load_weights_file(path: str, n: int) -> np.ndarray:
+  if path.endswith('.npy'):
+    w = np.load(path)
+  else:  # The reference's weight csv: one float per line.
+    w = np.loadtxt(path, delimiter=',', ndmin=1)
+  w = np.asarray(w, np.float64).reshape(-1)
+  if w.shape[0] != n:
+    raise ValueError(f'config.data.balanced_weights_file: {w.shape[0]} weights for '
+                     f'a shard of {n} clips')
+  return w
+
+
+# ----------------------------------------------------------------------------- iterator
+
+
+@dataclasses.dataclass
+class _Plan:
+  host_batch: int
+  steps_per_epoch: int
+  examples_per_epoch: int  # real examples read per epoch by this host.
+
+
+class InputIterator:
+  """Endless (training) or one-pass (evaluation) iterator of numpy batches.
+
+  Use `get_state()` / `set_state()` to checkpoint and restore mid-epoch exactly (see
+  the module docstring). The state is a JSON-able dict; with orbax, save it with
+  `ocp.args.JsonSave(it.get_state())` next to the train state.
+  """
+
+  def __init__(self, config, dataset: Optional[tf.data.Dataset] = None, *,
+               process_index: Optional[int] = None,
+               process_count: Optional[int] = None):
+    validate_config(config)
+    if process_index is None or process_count is None:
+      import jax  # pylint: disable=import-outside-toplevel
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    c = config
+    if c.batch_size % process_count:
+      raise ValueError(f'config.data.batch_size: global batch {c.batch_size} is not '
+                       f'divisible by process_count {process_count}')
+    self._c = c
+    self._pi, self._pc = process_index, process_count
+    self._source = _make_source(c, dataset, process_index, process_count)
+    b = c.batch_size // process_count
+    if c.training:
+      steps = min(self._source.shard_sizes) // b
+      if steps == 0:
+        raise ValueError(
+            f'config.data.batch_size: a host batch of {b} exceeds the smallest '
+            f'shard ({min(self._source.shard_sizes)} examples)')
+      self._plan = _Plan(b, steps, steps * b)
+    else:
+      steps = -(-max(self._source.shard_sizes) // b)
+      self._plan = _Plan(b, steps, self._source.num_examples)
+    self._weights = None
+    if c.training and c.balanced_sampling:
+      if c.balanced_weights_file:
+        self._weights = _load_weights_file(
+            c.balanced_weights_file, self._source.num_examples)
+      else:
+        self._weights = balanced_weights(_read_labels(self._source))
+      if not np.all(np.isfinite(self._weights)) or self._weights.sum() <= 0:
+        raise ValueError('balanced sampling weights must be finite with a positive sum')
+    self._epoch = 0
+    self._step = 0
+    self._it = None
+
+  # -- public API
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Batches per epoch (the same on every host)."""
+    return self._plan.steps_per_epoch
+
+  @property
+  def host_batch_size(self) -> int:
+    return self._plan.host_batch
+
+  @property
+  def num_examples(self) -> int:
+    """Examples in this host's shard."""
+    return self._source.num_examples
+
+  def get_state(self) -> dict[str, Any]:
+    """A small JSON-able dict: where the next batch comes from, plus consistency keys."""
+    c = self._c
+    return {
+        'version': STATE_VERSION,
+        'epoch': self._epoch,
+        'step': self._step,
+        'seed': c.seed,
+        'global_batch_size': c.batch_size,
+        'process_count': self._pc,
+        'steps_per_epoch': self._plan.steps_per_epoch,
+    }
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues exactly after the batch at which `state` was taken."""
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    if state.get('version') != STATE_VERSION:
+      raise ValueError(f'unknown input state version {state.get("version")!r}')
+    mine = self.get_state()
+    for key in ('seed', 'global_batch_size', 'process_count', 'steps_per_epoch'):
+      if state[key] != mine[key]:
+        raise ValueError(
+            f'input state {key}={state[key]!r} differs from this pipeline\'s '
+            f'{mine[key]!r}: the stream could not continue exactly')
+    epoch, step = int(state['epoch']), int(state['step'])
+    if not 0 <= step <= self._plan.steps_per_epoch or epoch < 0:
+      raise ValueError(f'input state epoch/step out of range: {epoch}/{step}')
+    self._epoch, self._step = epoch, step
+    self._it = None
+
+  def save(self, path: str) -> None:
+    """Writes the state as JSON to `path` (a file)."""
+    with tf.io.gfile.GFile(path, 'w') as f:
+      f.write(json.dumps(self.get_state()))
+
+  def restore(self, path: str) -> None:
+    with tf.io.gfile.GFile(path, 'r') as f:
+      self.set_state(json.loads(f.read()))
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while True:
+      if self._step >= self._plan.steps_per_epoch:
+        if not self._c.training:
+          raise StopIteration
+        self._epoch += 1
+        self._step = 0
+        self._it = None
+      if self._it is None:
+        ds = self.epoch_dataset(self._epoch, self._step)
+        self._it = ds.as_numpy_iterator()
+      try:
+        batch = next(self._it)
+      except StopIteration:
+        # Only reachable if the source yielded fewer examples than it declared.
+        raise RuntimeError(
+            f'{self._source.description}: epoch {self._epoch} ended after '
+            f'{self._step} of {self._plan.steps_per_epoch} batches') from None
+      self._step += 1
+      return batch
+
+  # -- the tf.data graph
+
+  def _seed_root(self, epoch, kind):
+    """A stateless seed for (config seed, epoch, host, kind)."""
+    return T.fold_in(tf.constant([self._c.seed, 0], tf.int64),
+                     epoch, self._pi, kind)
+
+  def _python_seed(self, epoch, kind):
+    return int(np.random.SeedSequence(
+        [self._c.seed & 0xFFFFFFFF, epoch, self._pi, kind]).generate_state(1)[0])
+
+  def _draw_counts(self, epoch) -> np.ndarray:
+    rng = np.random.default_rng(self._python_seed(epoch, 3))
+    w = self._weights
+    return rng.multinomial(len(w), w / w.sum()).astype(np.int64)
+
+  def epoch_dataset(self, epoch: int, start_step: int = 0) -> tf.data.Dataset:
+    """The batches of `epoch` from batch `start_step` on (tf.data, not numpy)."""
+    c, plan = self._c, self._plan
+    b = plan.host_batch
+    auto = tf.data.AUTOTUNE if c.num_parallel_calls == -1 else c.num_parallel_calls
+    shuffle_seed = self._python_seed(epoch, 1)
+    read_shuffled = c.training and c.shuffle_files and self._weights is None
+    ds = self._source.dataset(shuffle_seed if read_shuffled else None)
+    if c.training:
+      if self._weights is not None:
+        counts = tf.data.Dataset.from_tensor_slices(self._draw_counts(epoch))
+        ds = tf.data.Dataset.zip((ds, counts)).flat_map(
+            lambda e, k: tf.data.Dataset.from_tensors(e).repeat(k))
+      if c.shuffle_buffer > 1:
+        ds = ds.shuffle(c.shuffle_buffer, seed=shuffle_seed,
+                        reshuffle_each_iteration=False)
+      ds = ds.take(plan.examples_per_epoch)
+    ds = ds.enumerate()
+    # Skipping happens before decoding: a restore reads but does not decode.
+    start = start_step * b
+    ds = ds.skip(start)
+    example_seed = self._seed_root(epoch, 0)
+    decode = self._decode_fn(example_seed)
+    ds = ds.map(decode, num_parallel_calls=auto, deterministic=True)
+    if not c.training:
+      total = plan.steps_per_epoch * b
+      remaining_real = max(plan.examples_per_epoch - start, 0)
+      pad = total - start - remaining_real
+      if pad > 0:
+        ds = ds.concatenate(
+            tf.data.Dataset.from_tensors(_zeros_like_spec(ds.element_spec)).repeat(pad))
+    ds = ds.batch(b, drop_remainder=True)
+    ds = ds.enumerate(start=start_step)
+    batch_fn = self._batch_fn(self._seed_root(epoch, 1))
+    ds = ds.map(batch_fn, num_parallel_calls=auto, deterministic=True)
+    if c.prefetch:
+      ds = ds.prefetch(c.prefetch)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+  def _decode_fn(self, root_seed):
+    c = self._c
+    source = self._source
+    size = c.frame_size
+
+    def decode(pos, e):
+      seed = T.fold_in(root_seed, pos)
+      fbank = source.decode_fbank(e[schema.FBANK])
+      fbank = _crop_or_pad(fbank, c.target_length)
+      frames = e[schema.FRAMES]
+      n = tf.shape(frames)[0]
+      if c.mode == 'mavil':
+        if schema.FRAME_TIMES in e:
+          times = e[schema.FRAME_TIMES]
+        else:
+          times = tf.cast(tf.range(n), tf.float32) / c.mavil_fps
+        u = (tf.random.stateless_uniform([], seed) if c.training
+             else tf.constant(0.5))
+        idx = T.mavil_frame_indices(times, c.num_frames, c.mavil_fps, u)
+        out_frames = tf.ensure_shape(T.decode_frames(frames, idx, size),
+                                     [c.num_frames, size, size, 3])
+      elif not c.training and c.eval_all_frames:
+        out_frames = T.decode_frames(frames, tf.range(n), size)
+        out_frames = tf.ensure_shape(
+            out_frames, [schema.CAV_MAE_NUM_FRAMES, size, size, 3])
+      else:
+        if c.training:
+          idx = tf.random.stateless_uniform([], seed, minval=0, maxval=n,
+                                            dtype=tf.int32)
+        else:
+          idx = 5 if c.frame_use == -1 else c.frame_use
+          tf.debugging.assert_less(idx, n, message='config.data.frame_use out of range')
+        out_frames = T.decode_one_frame(frames, idx, size)
+      out = {
+          'fbank': fbank,
+          'frames': out_frames,
+          'labels': e[schema.LABELS],
+          'mask': tf.constant(1.0, tf.float32),
+      }
+      if c.return_clip_id:
+        out['clip_id'] = e[schema.CLIP_ID]
+      return out
+
+    return decode
+
+  def _batch_fn(self, root_seed):
+    """Batch transforms: random draws in plain TF, then one XLA-compiled function.
+
+    Stateless random generation is slow under XLA on CPU, while the elementwise math
+    (casts, ImageNet and log-mel normalisation, mixup, masks, roll) is several times
+    faster fused by XLA; hence the split.
+    """
+    c = self._c
+    dtype = DTYPES[c.dtype]
+    training = c.training
+    bsz = self._plan.host_batch
+    use_mixup = training and c.mixup > 0
+    use_specaug = training and bool(c.freqm or c.timem)
+    use_noise = training and c.noise
+    smooth = float(c.label_smooth) if training else 0.0
+    freqm, timem = c.freqm, c.timem
+    t_size, f_size = c.target_length, c.num_mel_bins
+
+    def math(fbank, frames_u8, labels, d):
+      audio = tf.cast(fbank, tf.float32)
+      frames = T.normalize_frames(frames_u8)
+      if use_mixup:
+        audio, frames, targets = T.apply_mixup(
+            audio, frames, labels, d['do_mix'], d['lam'], d['partner'], smooth)
+      else:
+        targets = T.smooth_labels(labels, smooth)
+      if use_specaug:
+        audio = T.spec_augment(audio, d['fs'], d['fe'], d['ts'], d['te'])
+      audio = T.normalize_audio(audio, float(c.norm_mean), float(c.norm_std),
+                                float(c.norm_std_factor))
+      if use_noise:
+        audio = T.add_noise_and_roll(audio, d['noise_u'], d['noise_scale'],
+                                     d['shifts'])
+      return tf.cast(audio, dtype), tf.cast(frames, dtype), targets
+
+    math = tf.function(math, jit_compile=bool(c.jit_transforms))
+
+    def batch_fn(step, b):
+      seeds = T.split_seed(T.fold_in(root_seed, step), 3)
+      d = {}
+      if use_mixup:
+        d['do_mix'], d['lam'], d['partner'] = T.mixup_draws(
+            bsz, float(c.mixup), seeds[0], float(c.mixup_alpha))
+      if use_specaug:
+        d['fs'], d['fe'], d['ts'], d['te'] = T.spec_augment_draws(
+            bsz, freqm, timem, t_size, f_size, seeds[1])
+      if use_noise:
+        d['noise_u'], d['noise_scale'], d['shifts'] = T.noise_draws(
+            bsz, t_size, f_size, seeds[2])
+      audio, frames, targets = math(b['fbank'], b['frames'], b['labels'], d)
+      out = {'audio': audio, 'frames': frames, 'labels': targets, 'mask': b['mask']}
+      if 'clip_id' in b:
+        out['clip_id'] = b['clip_id']
+      return out
+
+    return batch_fn
+
+
+def _crop_or_pad(fbank, target_length):
+  t = tf.shape(fbank)[0]
+  fbank = fbank[:target_length]
+  fbank = tf.pad(fbank, [[0, tf.maximum(target_length - t, 0)], [0, 0]])
+  return tf.ensure_shape(fbank, [target_length, schema.NUM_MEL_BINS])
+
+
+def _zeros_like_spec(spec):
+  def zero(s):
+    if s.dtype == tf.string:
+      return tf.constant('', shape=s.shape)
+    return tf.zeros(s.shape, s.dtype)
+  return tf.nest.map_structure(zero, spec)
+
+
+def create_iterator(config, dataset: Optional[tf.data.Dataset] = None, *,
+                    process_index: Optional[int] = None,
+                    process_count: Optional[int] = None) -> InputIterator:
+  """Builds the input iterator of a `config.data` section.
+
+  Args:
+    config: a `config.data` ConfigDict (see `default_data_config`).
+    dataset: optional `tf.data.Dataset` of schema examples (finite); if None the
+      prepared TFDS dataset named by config.name/data_dir or config.builder_dir is read.
+    process_index, process_count: this host and the number of hosts; default
+      jax.process_index() / jax.process_count(). Injectable to simulate hosts.
+  """
+  return InputIterator(config, dataset, process_index=process_index,
+                       process_count=process_count)
+
+
+def to_global_arrays(batch: Mapping[str, np.ndarray], sharding):
+  """Puts a host batch on devices as global arrays (drops non-numeric clip_id)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items() if k != 'clip_id'}
+
+
+def state_to_json(state: Mapping[str, Any]) -> str:
+  return json.dumps(dict(state), sort_keys=True)
+
+
+__all__ = [
+    'InputIterator', 'balanced_weights', 'create_iterator', 'default_data_config',
+    'state_to_json', 'to_global_arrays', 'validate_config',
+]

@@ -1,0 +1,308 @@
+"""CAV-MAE in Flax: `CAVMAE` (pretraining) and `CAVMAEFT` (fine-tuning), per cav-mae spec 4-5.
+
+Inputs: audio [B, T, F] normalised log-mel (T = audio_length, F = num_mel_bins), frames
+[B, H, W, 3] normalised RGB, NHWC. Both models are pure functions of (params, inputs, PRNG
+key); the only randomness is the masking noise (rng stream "masking"), which callers may
+pass explicitly for exact comparisons.
+
+Parameter names follow the reference state_dict (see layers.py), position embeddings are
+parameters in both models: frozen by `stop_gradient` when `trainable_pos_embed` is False
+(the optimizer must also leave them alone; `frozen_param_names` lists them).
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from avmae_jax.models import layers
+from avmae_jax.models import losses
+from avmae_jax.models import masking
+
+FT_MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")
+POS_EMBED_NAMES = ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v")
+
+
+class _Encoder(nn.Module):
+  """Patch embeddings, modality-specific and shared blocks, the three final norms."""
+  img_size: int = 224
+  audio_length: int = 1024
+  num_mel_bins: int = 128
+  patch_size: int = 16
+  in_chans: int = 3
+  embed_dim: int = 768
+  modality_specific_depth: int = 11
+  shared_depth: int = 1
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  norm_eps: float = layers.TORCH_LAYERNORM_EPS
+  trainable_pos_embed: bool = False
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @property
+  def audio_grid(self) -> tuple[int, int]:
+    """Token grid (frequency rows, time columns) of the spectrogram."""
+    return self.num_mel_bins // self.patch_size, self.audio_length // self.patch_size
+
+  @property
+  def video_grid(self) -> tuple[int, int]:
+    return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+  @property
+  def num_audio_tokens(self) -> int:
+    return self.audio_grid[0] * self.audio_grid[1]
+
+  @property
+  def num_video_tokens(self) -> int:
+    return self.video_grid[0] * self.video_grid[1]
+
+  def _block(self, dim, heads, name):
+    # Rematerialise blocks (recompute activations in the backward pass) to trade compute for
+    # memory at large batch; modality (argument 2, counting self) is a Python string.
+    cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
+    return cls(dim, heads, self.mlp_ratio, self.norm_eps, self.dtype, name=name)
+
+  def setup_encoder(self):
+    d = self.embed_dim
+    self.patch_embed_a = layers.PatchEmbed(d, self.patch_size, self.dtype)
+    self.patch_embed_v = layers.PatchEmbed(d, self.patch_size, self.dtype)
+    token = nn.with_logical_partitioning(layers.token_init(), (None, None, "embed"))
+    self.modality_a = self.param("modality_a", token, (1, 1, d))
+    self.modality_v = self.param("modality_v", token, (1, 1, d))
+    self.pos_embed_a = self.param(
+        "pos_embed_a", nn.with_logical_partitioning(
+            layers.sincos_init(*self.audio_grid), (None, "length", "embed")),
+        (1, self.num_audio_tokens, d))
+    self.pos_embed_v = self.param(
+        "pos_embed_v", nn.with_logical_partitioning(
+            layers.sincos_init(*self.video_grid), (None, "length", "embed")),
+        (1, self.num_video_tokens, d))
+    n = self.modality_specific_depth
+    self.blocks_a = [self._block(d, self.num_heads, f"blocks_a_{i}") for i in range(n)]
+    self.blocks_v = [self._block(d, self.num_heads, f"blocks_v_{i}") for i in range(n)]
+    self.blocks_u = [self._block(d, self.num_heads, f"blocks_u_{i}")
+                     for i in range(self.shared_depth)]
+    self.norm_a = layers.layer_norm("norm_a", self.norm_eps)
+    self.norm_v = layers.layer_norm("norm_v", self.norm_eps)
+    self.norm = layers.layer_norm("norm", self.norm_eps)
+
+  def _pos(self, table: jax.Array) -> jax.Array:
+    return table if self.trainable_pos_embed else jax.lax.stop_gradient(table)
+
+  def check_inputs(self, audio: Optional[jax.Array], frames: Optional[jax.Array]):
+    want_a = (self.audio_length, self.num_mel_bins)
+    if audio is not None and (audio.ndim != 3 or audio.shape[1:] != want_a):
+      raise ValueError(f"audio must be [batch, {want_a[0]}, {want_a[1]}] (time, mel bins), "
+                       f"got {tuple(audio.shape)}")
+    want_v = (self.img_size, self.img_size, self.in_chans)
+    if frames is not None and (frames.ndim != 4 or frames.shape[1:] != want_v):
+      raise ValueError(f"frames must be [batch, {want_v[0]}, {want_v[1]}, {want_v[2]}] (NHWC), "
+                       f"got {tuple(frames.shape)}")
+
+  def embed_audio(self, audio: jax.Array) -> jax.Array:
+    x = self.patch_embed_a(losses.spectrogram_image(audio).astype(self.dtype))
+    return x + self._pos(self.pos_embed_a) + self.modality_a
+
+  def embed_video(self, frames: jax.Array) -> jax.Array:
+    x = self.patch_embed_v(frames.astype(self.dtype))
+    return x + self._pos(self.pos_embed_v) + self.modality_v
+
+  @staticmethod
+  def run(blocks, x, modality=None):
+    for block in blocks:
+      x = block(x, modality)
+    return x
+
+  def encode_feat(self, audio: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The reference's forward_feat: unmasked, each modality through its shared-block path."""
+    self.check_inputs(audio, frames)
+    a = self.run(self.blocks_a, self.embed_audio(audio))
+    v = self.run(self.blocks_v, self.embed_video(frames))
+    a = self.norm_a(self.run(self.blocks_u, a, "a"))
+    v = self.norm_v(self.run(self.blocks_u, v, "v"))
+    return a, v
+
+
+class CAVMAE(_Encoder):
+  """The pretraining model: masked encoder, joint decoder, MAE + contrastive losses."""
+  decoder_embed_dim: int = 512
+  decoder_depth: int = 8
+  decoder_num_heads: int = 16
+  norm_pix_loss: bool = True
+  mask_ratio_a: float = 0.75
+  mask_ratio_v: float = 0.75
+  mask_mode: str = "unstructured"
+  mae_loss_weight: float = 1.0
+  contrast_loss_weight: float = 0.01
+  bidirect_contrast: bool = False
+  contrast_temperature: float = 0.05
+  # The reference computes the contrastive path as `for blk in blocks_u: ca = blk(a, 'a')`,
+  # so with several shared blocks only the last one counts; True chains them instead.
+  chain_shared_blocks_in_contrast: bool = False
+
+  def setup(self):
+    self.setup_encoder()
+    dd = self.decoder_embed_dim
+    self.decoder_embed = layers.dense(dd, ("embed", "decoder_embed"), self.dtype,
+                                      "decoder_embed")
+    token = nn.with_logical_partitioning(layers.token_init(), (None, None, "decoder_embed"))
+    self.mask_token = self.param("mask_token", token, (1, 1, dd))
+    self.decoder_modality_a = self.param("decoder_modality_a", token, (1, 1, dd))
+    self.decoder_modality_v = self.param("decoder_modality_v", token, (1, 1, dd))
+    self.decoder_pos_embed_a = self.param(
+        "decoder_pos_embed_a", nn.with_logical_partitioning(
+            layers.sincos_init(*self.audio_grid), (None, "length", "decoder_embed")),
+        (1, self.num_audio_tokens, dd))
+    self.decoder_pos_embed_v = self.param(
+        "decoder_pos_embed_v", nn.with_logical_partitioning(
+            layers.sincos_init(*self.video_grid), (None, "length", "decoder_embed")),
+        (1, self.num_video_tokens, dd))
+    self.decoder_blocks = [self._block(dd, self.decoder_num_heads, f"decoder_blocks_{i}")
+                           for i in range(self.decoder_depth)]
+    self.decoder_norm = layers.layer_norm("decoder_norm", self.norm_eps)
+    p2 = self.patch_size ** 2
+    self.decoder_pred_a = layers.dense(p2, ("decoder_embed", "patch_out"), self.dtype,
+                                       "decoder_pred_a")
+    self.decoder_pred_v = layers.dense(p2 * self.in_chans, ("decoder_embed", "patch_out"),
+                                       self.dtype, "decoder_pred_v")
+
+  def draw_noise(self, batch: int) -> tuple[jax.Array, jax.Array]:
+    """The masking noise for one batch from the "masking" rng stream (video: unstructured)."""
+    key_a, key_v = jax.random.split(self.make_rng("masking"))
+    noise_a = masking.draw_noise(key_a, batch, self.num_audio_tokens, self.mask_ratio_a,
+                                 self.mask_mode, self.audio_grid)
+    noise_v = masking.draw_noise(key_v, batch, self.num_video_tokens, self.mask_ratio_v)
+    return noise_a, noise_v
+
+  def encode(self, audio, frames, noise_a, noise_v):
+    """Masked encoder: (joint latent, contrast latents, audio Masked, video Masked)."""
+    self.check_inputs(audio, frames)
+    ma = masking.apply_noise_mask(self.embed_audio(audio), noise_a, self.mask_ratio_a)
+    mv = masking.apply_noise_mask(self.embed_video(frames), noise_v, self.mask_ratio_v)
+    a = self.run(self.blocks_a, ma.kept)
+    v = self.run(self.blocks_v, mv.kept)
+    x = self.norm(self.run(self.blocks_u, jnp.concatenate([a, v], axis=1)))
+    shared = self.blocks_u if self.chain_shared_blocks_in_contrast else self.blocks_u[-1:]
+    ca = self.norm_a(self.run(shared, a, "a"))
+    cv = self.norm_v(self.run(shared, v, "v"))
+    return x, ca, cv, ma, mv
+
+  def decode(self, latent, ids_restore_a, ids_restore_v):
+    """Joint decoder over all audio and video positions -> (pred_a, pred_v) patches."""
+    x = self.decoder_embed(latent)
+    b, _, dd = x.shape
+    la, lv = self.num_audio_tokens, self.num_video_tokens
+    ka = masking.num_kept(la, self.mask_ratio_a)
+    kv = masking.num_kept(lv, self.mask_ratio_v)
+
+    def unshuffle(kept, total, ids_restore):
+      fill = jnp.broadcast_to(self.mask_token.astype(kept.dtype), (b, total - kept.shape[1], dd))
+      full = jnp.concatenate([kept, fill], axis=1)
+      return jnp.take_along_axis(full, ids_restore[:, :, None], axis=1)
+
+    a = unshuffle(x[:, :ka], la, ids_restore_a)
+    v = unshuffle(x[:, ka:ka + kv], lv, ids_restore_v)
+    a = a + self._pos(self.decoder_pos_embed_a) + self.decoder_modality_a
+    v = v + self._pos(self.decoder_pos_embed_v) + self.decoder_modality_v
+    x = self.run(self.decoder_blocks, jnp.concatenate([a, v], axis=1))
+    x = self.decoder_norm(x)
+    return self.decoder_pred_a(x[:, :la]), self.decoder_pred_v(x[:, la:])
+
+  def __call__(self, audio: jax.Array, frames: jax.Array,
+               noise_a: Optional[jax.Array] = None, noise_v: Optional[jax.Array] = None
+               ) -> dict[str, jax.Array]:
+    """Pretraining forward: losses and masks (the reference's `forward`).
+
+    Returns loss, loss_mae, loss_mae_a, loss_mae_v, loss_c (weighted, as the reference
+    reports it), nce (unweighted), c_acc, mask_a, mask_v and, when the decoder runs,
+    pred_a / pred_v. A zero loss weight skips that branch, as in the reference.
+    """
+    if noise_a is None or noise_v is None:
+      drawn_a, drawn_v = self.draw_noise(audio.shape[0])
+      noise_a = drawn_a if noise_a is None else noise_a
+      noise_v = drawn_v if noise_v is None else noise_v
+    latent, ca, cv, ma, mv = self.encode(audio, frames, noise_a, noise_v)
+    zero = jnp.zeros((), jnp.float32)
+    out = {"mask_a": ma.mask, "mask_v": mv.mask}
+    # At init every branch runs so that every parameter exists whatever the loss weights.
+    if self.mae_loss_weight != 0 or self.is_initializing():
+      pred_a, pred_v = self.decode(latent, ma.ids_restore, mv.ids_restore)
+      target_a = losses.patchify(losses.spectrogram_image(audio), self.patch_size)
+      target_v = losses.patchify(frames, self.patch_size)
+      loss_a = losses.mae_loss(pred_a, target_a, ma.mask, self.norm_pix_loss)
+      loss_v = losses.mae_loss(pred_v, target_v, mv.mask, self.norm_pix_loss)
+      out.update(pred_a=pred_a, pred_v=pred_v, loss_mae_a=loss_a, loss_mae_v=loss_v,
+                 loss_mae=self.mae_loss_weight * (loss_a + loss_v))
+    else:
+      out.update(loss_mae_a=zero, loss_mae_v=zero, loss_mae=zero)
+    if self.contrast_loss_weight != 0 or self.is_initializing():
+      nce, c_acc = losses.contrastive_loss(ca.mean(axis=1), cv.mean(axis=1),
+                                           self.contrast_temperature, self.bidirect_contrast)
+      out.update(nce=nce, c_acc=c_acc, loss_c=self.contrast_loss_weight * nce)
+    else:
+      out.update(nce=zero, c_acc=zero, loss_c=zero)
+    out["loss"] = out["loss_mae"] + out["loss_c"]
+    return out
+
+  def forward_feat(self, audio: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.encode_feat(audio, frames)
+
+
+class CAVMAEFT(_Encoder):
+  """The fine-tuning model: unmasked encoder, mean pooling, LayerNorm + Linear head."""
+  num_classes: int = 527
+  trainable_pos_embed: bool = True
+
+  def setup(self):
+    self.setup_encoder()
+    self.mlp_head_0 = layers.layer_norm("mlp_head_0", self.norm_eps)
+    self.mlp_head_1 = layers.dense(self.num_classes, ("embed", "classes"), jnp.float32,
+                                   "mlp_head_1")
+
+  def head(self, pooled: jax.Array) -> jax.Array:
+    return self.mlp_head_1(self.mlp_head_0(pooled))
+
+  def pooled(self, audio: Optional[jax.Array], frames: Optional[jax.Array], mode: str
+             ) -> jax.Array:
+    """The pooled clip vector that `mode` feeds the head."""
+    if mode not in FT_MODES:
+      raise ValueError(f"mode must be one of {FT_MODES}, got {mode!r}")
+    needs_audio = mode in ("multimodal", "audioonly", "missingaudioonly")
+    needs_video = mode in ("multimodal", "videoonly", "missingvideoonly")
+    if (needs_audio and audio is None) or (needs_video and frames is None):
+      raise ValueError(f"mode {mode!r} needs {'audio' if needs_audio else ''}"
+                       f"{' and ' if needs_audio and needs_video else ''}"
+                       f"{'frames' if needs_video else ''}")
+    self.check_inputs(audio if needs_audio else None, frames if needs_video else None)
+    a = self.run(self.blocks_a, self.embed_audio(audio)) if needs_audio else None
+    v = self.run(self.blocks_v, self.embed_video(frames)) if needs_video else None
+    if mode == "multimodal":
+      return self.norm(self.run(self.blocks_u, jnp.concatenate([a, v], axis=1))).mean(axis=1)
+    tokens, modality, norm = (a, "a", self.norm_a) if needs_audio else (v, "v", self.norm_v)
+    own = norm(self.run(self.blocks_u, tokens, modality)).mean(axis=1)
+    if mode in ("audioonly", "videoonly"):
+      return own
+    # missing*: one modality given to a model tuned on both: average the unified-norm path
+    # and the modality-norm path.
+    unified = self.norm(self.run(self.blocks_u, tokens)).mean(axis=1)
+    return (unified + own) / 2
+
+  def __call__(self, audio: Optional[jax.Array], frames: Optional[jax.Array],
+               mode: str = "multimodal") -> jax.Array:
+    """Logits [B, num_classes] (the reference's `forward(a, v, mode)`)."""
+    if self.is_initializing():  # run every path once so that every parameter exists
+      for other in ("multimodal", "audioonly", "videoonly"):
+        self.pooled(audio, frames, other)
+    return self.head(self.pooled(audio, frames, mode))
+
+  def forward_feat(self, audio: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.encode_feat(audio, frames)
+
+
+def frozen_param_names(model: nn.Module) -> tuple[str, ...]:
+  """Top-level parameters the optimizer must not update (fixed sin-cos tables)."""
+  if getattr(model, "trainable_pos_embed", True):
+    return ()
+  return POS_EMBED_NAMES if isinstance(model, CAVMAE) else POS_EMBED_NAMES[:2]

@@ -1,0 +1,177 @@
+"""Transformer building blocks shared by CAV-MAE and MAViL, with logical axis names.
+
+Parameter and submodule names mirror the reference PyTorch modules one to one
+(`blocks_a_3/attn/qkv/kernel` is `blocks_a.3.attn.qkv.weight`), so checkpoint conversion
+is a mechanical rename plus transposes, with no per-key table.
+
+Every parameter carries logical axis names ("embed", "mlp", "heads", ...) and activations
+are constrained with ("batch", "length", "embed"); `avmae_jax.sharding` maps them onto a
+mesh with a short rule list. Without rules in scope the annotations are no-ops.
+"""
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# The reference (PyTorch) defaults, which differ from Flax's: LayerNorm eps 1e-5 (Flax 1e-6),
+# exact erf GELU (Flax default is the tanh approximation).
+TORCH_LAYERNORM_EPS = 1e-5
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+
+
+def token_init(stddev: float = 0.02) -> Callable[..., jax.Array]:
+  return nn.initializers.normal(stddev)
+
+
+def sincos_1d(positions: np.ndarray, dim: int) -> np.ndarray:
+  """[sin(p*w), cos(p*w)] with w_i = 1/10000^(i/(dim/2)); float64."""
+  if dim % 2:
+    raise ValueError(f"sin-cos embedding width must be even, got {dim}")
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = np.outer(positions.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2-D sin-cos table [grid_h*grid_w, dim], row-major over (row, col).
+
+  Token (row, col) gets concat(1d(col, dim/2), 1d(row, dim/2)): the column half comes
+  first, as in the MAE family of models. Computed in float64, returned as float32.
+  """
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  table = np.concatenate([sincos_1d(cols, dim // 2), sincos_1d(rows, dim // 2)], axis=1)
+  return table.astype(np.float32)
+
+
+def sincos_init(grid_h: int, grid_w: int) -> Callable[..., jax.Array]:
+  """Initialiser filling a [1, grid_h*grid_w, dim] parameter with the 2-D sin-cos table."""
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.asarray(sincos_2d(shape[-1], grid_h, grid_w)[None], dtype)
+
+  return init
+
+
+def dense(features: int, kernel_axes: tuple[str, str], dtype: Dtype, name: str,
+          use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(xavier_uniform, kernel_axes),
+      bias_init=nn.with_logical_partitioning(zeros, (kernel_axes[1],)))
+
+
+def layer_norm(name: str, eps: float, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+      scale_init=nn.with_logical_partitioning(ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(zeros, ("norm",)))
+
+
+def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches -> tokens, a strided Conv named `proj` like the reference.
+
+  Input NHWC [B, H, W, C]; output [B, (H/p)*(W/p), D] in row-major (H, W) order.
+  """
+  embed_dim: int
+  patch_size: int = 16
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.patch_size
+    # The reference initialises the conv like a Linear on its [out, in*p*p] view; Flax's
+    # xavier on a [p, p, in, out] kernel with in_axis=(0,1,2) is that same fan-in/out.
+    kernel_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+    x = nn.Conv(
+        self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+        param_dtype=jnp.float32, name="proj",
+        kernel_init=nn.with_logical_partitioning(
+            kernel_init, ("patch_h", "patch_w", "channels", "embed")),
+        bias_init=nn.with_logical_partitioning(zeros, ("embed",)))(x)
+    b, h, w, d = x.shape
+    return x.reshape(b, h * w, d)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (q, k, v order, like timm)."""
+  dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
+    head_dim = d // self.num_heads
+    qkv = dense(3 * d, ("embed", "qkv"), self.dtype, "qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5)
+    out = out.reshape(b, n, d)
+    return dense(d, ("heads_merged", "embed"), self.dtype, "proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    h = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, "fc1")(x)
+    h = nn.gelu(h, approximate=False)
+    h = constrain(h, ("batch", "length", "mlp"))
+    return dense(d, ("mlp", "embed"), self.dtype, "fc2")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block whose modality picks its LayerNorm pair.
+
+  Attention and MLP weights are shared across modalities; `modality=None` uses
+  norm1/norm2, 'a' uses norm1_a/norm2_a, 'v' uses norm1_v/norm2_v. All six norms are
+  created at init even when a model never calls some of them, because reference
+  checkpoints carry them and export must write every tensor the reference has.
+  """
+  dim: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  norm_eps: float = TORCH_LAYERNORM_EPS
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.norm1 = layer_norm("norm1", self.norm_eps)
+    self.norm1_a = layer_norm("norm1_a", self.norm_eps)
+    self.norm1_v = layer_norm("norm1_v", self.norm_eps)
+    self.attn = Attention(self.dim, self.num_heads, dtype=self.dtype, name="attn")
+    self.norm2 = layer_norm("norm2", self.norm_eps)
+    self.norm2_a = layer_norm("norm2_a", self.norm_eps)
+    self.norm2_v = layer_norm("norm2_v", self.norm_eps)
+    self.mlp = Mlp(int(self.dim * self.mlp_ratio), dtype=self.dtype, name="mlp")
+
+  def __call__(self, x: jax.Array, modality: Optional[str] = None) -> jax.Array:
+    norms = {None: (self.norm1, self.norm2), "a": (self.norm1_a, self.norm2_a),
+             "v": (self.norm1_v, self.norm2_v)}
+    if modality not in norms:
+      raise ValueError(f"modality must be None, 'a' or 'v', got {modality!r}")
+    if self.is_initializing():
+      for pair in norms.values():  # create all six norms (see class docstring)
+        pair[0](x), pair[1](x)
+    n1, n2 = norms[modality]
+    x = x + self.attn(n1(x).astype(self.dtype))
+    x = x + self.mlp(n2(x).astype(self.dtype))
+    return constrain(x, ("batch", "length", "embed"))

@@ -1,0 +1,83 @@
+"""Patch layout and the CAV-MAE losses: masked reconstruction and audio-visual InfoNCE.
+
+Images are NHWC. A spectrogram [B, T, F] is the image [B, F, T, 1] (height = frequency,
+width = time), so one patchify serves both modalities and reproduces the reference's
+inner patch order (p, q, c): p along height, q along width, channel last.
+"""
+
+import jax
+import jax.numpy as jnp
+
+# The reference's per-patch normalisation adds this under the square root.
+NORM_PIX_EPS = 1e-6
+
+
+def spectrogram_image(audio: jax.Array) -> jax.Array:
+  """[B, T, F] log-mel -> [B, F, T, 1] image with frequency as height."""
+  return jnp.swapaxes(audio, 1, 2)[..., None]
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches row-major, inner order (p, q, c)."""
+  b, height, width, c = images.shape
+  h, w = height // patch, width // patch
+  x = images.reshape(b, h, patch, w, patch, c)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, h * w, patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int], channels: int
+               ) -> jax.Array:
+  """Inverse of `patchify`: [B, h*w, p*p*C] -> [B, h*p, w*p, C]."""
+  b = patches.shape[0]
+  h, w = grid
+  x = patches.reshape(b, h, w, patch, patch, channels)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, h * patch, w * patch, channels)
+
+
+def normalize_patches(target: jax.Array) -> jax.Array:
+  """Per-patch standardisation with the UNBIASED variance, as torch's `var` computes it."""
+  mean = target.mean(axis=-1, keepdims=True)
+  var = target.var(axis=-1, keepdims=True, ddof=1)
+  return (target - mean) / jnp.sqrt(var + NORM_PIX_EPS)
+
+
+def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix_loss: bool
+             ) -> jax.Array:
+  """Per-patch MSE averaged over removed patches (mask == 1) only."""
+  target = target.astype(jnp.float32)
+  if norm_pix_loss:
+    target = normalize_patches(target)
+  per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps), torch.nn.functional.normalize's definition."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def contrastive_loss(audio_rep: jax.Array, video_rep: jax.Array, temperature: float = 0.05,
+                     bidirectional: bool = False) -> tuple[jax.Array, jax.Array]:
+  """InfoNCE between paired clip vectors [B, D]; returns (nce, accuracy).
+
+  Single direction (the reference's default) normalises over audios for each video
+  (softmax over axis 0 of S = A V^T / temperature); bidirectional averages both ways.
+  """
+  a = l2_normalize(audio_rep.astype(jnp.float32))
+  v = l2_normalize(video_rep.astype(jnp.float32))
+  sim = a @ v.T / temperature
+  targets = jnp.arange(sim.shape[0])
+
+  def one_way(s):
+    nce = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(s, axis=0)))
+    acc = jnp.mean((jnp.argmax(s, axis=0) == targets).astype(jnp.float32))
+    return nce, acc
+
+  nce, acc = one_way(sim)
+  if bidirectional:
+    nce_t, acc_t = one_way(sim.T)
+    nce, acc = (nce + nce_t) / 2, (acc + acc_t) / 2
+  return nce, acc
