@@ -138,9 +138,11 @@ def test_bfloat16_output():
 # ----------------------------------------------------------------------------- training transforms
 
 
-def test_pretrain_noise_and_roll_composition():
+@pytest.mark.parametrize('noise_rng', ['hash', 'philox'])
+def test_pretrain_noise_and_roll_composition(noise_rng):
   d = _examples(8)
-  c = _config('pretrain', batch=4, shuffle_buffer=0, return_clip_id=True)
+  c = _config('pretrain', batch=4, shuffle_buffer=0, return_clip_id=True,
+              noise_rng=noise_rng)
   b = next(P.create_iterator(c, _ds(d), process_index=0, process_count=1))
   shifts = set()
   for i, cid in enumerate(_id(b)):
@@ -238,6 +240,23 @@ def test_restore_mid_epoch_gives_same_continuation(stage):
   _assert_batches_equal(_take(fresh, 5), expected)
 
 
+def test_state_round_trips_through_orbax_checkpoint_manager(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  d = _examples(12)
+  c = _config('pretrain', batch=4)
+  it = P.create_iterator(c, _ds(d), process_index=0, process_count=1)
+  _take(it, 2)
+  with ocp.CheckpointManager(str(tmp_path / 'ckpt')) as mngr:
+    mngr.save(2, args=ocp.args.Composite(data=ocp.args.JsonSave(it.get_state())))
+    mngr.wait_until_finished()
+  expected = _take(it, 3)
+  with ocp.CheckpointManager(str(tmp_path / 'ckpt')) as mngr:
+    restored = mngr.restore(2, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+  fresh = P.create_iterator(c, _ds(d), process_index=0, process_count=1)
+  fresh.set_state(restored['data'])
+  _assert_batches_equal(_take(fresh, 3), expected)
+
+
 def test_restore_rejects_inconsistent_state():
   d = _examples(8)
   c = _config('pretrain', batch=4)
@@ -314,6 +333,7 @@ def test_balanced_sampling_evens_out_classes_deterministically():
     ('mode', 'clip'), ('freqm', -1), ('timem', 2000), ('mixup', 1.5),
     ('label_smooth', 1.0), ('dtype', 'float64'), ('batch_size', 0),
     ('frame_use', -3), ('num_frames', 10), ('norm_std', 0.0),
+    ('noise_rng', 'mt19937'),
 ])
 def test_bad_config_names_the_field(field, value):
   c = _config('pretrain')

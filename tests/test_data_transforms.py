@@ -197,3 +197,17 @@ def test_stateless_beta_distribution():
   x = T.stateless_beta([5000], 2.0, 5.0, [1, 2]).numpy()
   assert abs(x.mean() - 2 / 7) < 0.01
   np.testing.assert_array_equal(x, T.stateless_beta([5000], 2.0, 5.0, [1, 2]).numpy())
+
+
+def test_hash_uniform_statistics_and_keys():
+  u = T.hash_uniform([64, 1024, 16], T.hash_keys([1, 2])).numpy()
+  assert u.dtype == np.float32 and u.min() >= 0.0 and u.max() < 1.0
+  assert abs(u.mean() - 0.5) < 2e-3 and abs(u.var() - 1 / 12) < 1e-3
+  flat = u.ravel()
+  assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 5e-3
+  hist = np.histogram(flat, bins=16, range=(0, 1))[0] / flat.size
+  np.testing.assert_allclose(hist, 1 / 16, atol=2e-3)
+  other = T.hash_uniform([64, 1024, 16], T.hash_keys([1, 3])).numpy()
+  assert abs(np.corrcoef(flat, other.ravel())[0, 1]) < 5e-3
+  np.testing.assert_array_equal(u, T.hash_uniform([64, 1024, 16],
+                                                  T.hash_keys([1, 2])).numpy())

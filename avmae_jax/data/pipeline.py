@@ -104,6 +104,9 @@ def default_data_config(stage: str = 'pretrain',
   c.norm_std = std
   c.norm_std_factor = factor  # MAViL divides by 2 std.
   c.noise = stage != 'eval'
+  # Generator of the 131k noise values per clip: 'hash' (a counter-based integer hash
+  # inside the XLA-compiled transforms; fast) or 'philox' (tf stateless_uniform).
+  c.noise_rng = 'hash'
   c.freqm = 48 if stage == 'finetune' else 0
   c.timem = 192 if stage == 'finetune' else 0
   # Labels and mixup (spec 3).
@@ -171,6 +174,8 @@ def validate_config(c) -> None:
       bad('eval_all_frames', 'is a CAV-MAE option; MAViL always takes num_frames')
   elif c.num_frames != 1:
     bad('num_frames', "must be 1 in cav_mae mode (use eval_all_frames for 10)")
+  if c.noise_rng not in ('hash', 'philox'):
+    bad('noise_rng', "must be 'hash' or 'philox'")
   if c.dtype not in DTYPES:
     bad('dtype', f'must be one of {tuple(DTYPES)}')
   if not isinstance(c.prefetch, int) or c.prefetch < 0:
@@ -201,20 +206,37 @@ class _TfdsSource:
     self.num_examples = self.shard_sizes[process_index]
     self.description = f'{builder.name}:{split}'
 
-  def dataset(self, shuffle_seed: Optional[int]) -> tf.data.Dataset:
-    options = tf.data.Options()
-    options.deterministic = True
-    read_config = tfds.ReadConfig(
-        options=options, try_autocache=False, shuffle_seed=shuffle_seed,
-        skip_prefetch=True)
-    ds = self._builder.as_dataset(
-        split=self._split,
-        shuffle_files=shuffle_seed is not None,
-        read_config=read_config,
-        decoders={
-            schema.FBANK: tfds.decode.SkipDecoding(),
-            schema.FRAMES: tfds.decode.SkipDecoding(),
-        })
+    instructions = builder.info.splits[self._split].file_instructions
+    self._files = (
+        tf.constant([fi.filename for fi in instructions], tf.string),
+        tf.constant([fi.skip for fi in instructions], tf.int64),
+        tf.constant([fi.take for fi in instructions], tf.int64),
+    )
+    self._num_files = len(instructions)
+    self._decoders = {
+        schema.FBANK: tfds.decode.SkipDecoding(),
+        schema.FRAMES: tfds.decode.SkipDecoding(),
+    }
+
+  def dataset(self, shuffle_seed=None) -> tf.data.Dataset:
+    """The shard's records, files in a seeded order if `shuffle_seed` (a tensor).
+
+    Reads the split's file instructions directly (rather than `as_dataset`) so that an
+    epoch's file order can be a graph function of the epoch, letting epochs chain
+    inside one tf.data pipeline with no restart between them.
+    """
+    files = tf.data.Dataset.from_tensor_slices(self._files)
+    if shuffle_seed is not None and self._num_files > 1:
+      files = files.shuffle(self._num_files, seed=shuffle_seed,
+                            reshuffle_each_iteration=False)
+    ds = files.interleave(
+        lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take),
+        cycle_length=min(16, max(self._num_files, 1)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    features = self._features
+    decoders = self._decoders
+    ds = ds.map(lambda r: features.deserialize_example(r, decoders=decoders),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.map(_select_keys)
 
   def decode_fbank(self, raw):
@@ -238,7 +260,7 @@ class _DatasetSource:
     self._ds = dataset.shard(process_count, process_index).map(_select_keys)
     self.description = 'in-memory dataset'
 
-  def dataset(self, shuffle_seed: Optional[int]) -> tf.data.Dataset:
+  def dataset(self, shuffle_seed=None) -> tf.data.Dataset:
     del shuffle_seed  # In-memory order is canonical; the shuffle buffer shuffles.
     return self._ds
 
@@ -421,66 +443,85 @@ class InputIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    while True:
-      if self._step >= self._plan.steps_per_epoch:
-        if not self._c.training:
-          raise StopIteration
-        self._epoch += 1
-        self._step = 0
-        self._it = None
-      if self._it is None:
-        ds = self.epoch_dataset(self._epoch, self._step)
-        self._it = ds.as_numpy_iterator()
-      try:
-        batch = next(self._it)
-      except StopIteration:
-        # Only reachable if the source yielded fewer examples than it declared.
-        raise RuntimeError(
-            f'{self._source.description}: epoch {self._epoch} ended after '
-            f'{self._step} of {self._plan.steps_per_epoch} batches') from None
-      self._step += 1
-      return batch
+    if not self._c.training and self._step >= self._plan.steps_per_epoch:
+      raise StopIteration
+    if self._it is None:
+      self._it = self.dataset(self._epoch, self._step).as_numpy_iterator()
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      # Only reachable if the source yielded fewer examples than it declared.
+      raise RuntimeError(
+          f'{self._source.description}: epoch {self._epoch} ended after '
+          f'{self._step} of {self._plan.steps_per_epoch} batches') from None
+    self._step += 1
+    if self._c.training and self._step == self._plan.steps_per_epoch:
+      self._epoch += 1
+      self._step = 0
+    return batch
 
   # -- the tf.data graph
 
-  def _seed_root(self, epoch, kind):
-    """A stateless seed for (config seed, epoch, host, kind)."""
-    return T.fold_in(tf.constant([self._c.seed, 0], tf.int64),
-                     epoch, self._pi, kind)
+  def _seed(self, *data):
+    """A stateless seed [2] for (config seed, host, *data)."""
+    return T.fold_in(tf.constant([self._c.seed, 0], tf.int64), self._pi, *data)
 
-  def _python_seed(self, epoch, kind):
-    return int(np.random.SeedSequence(
-        [self._c.seed & 0xFFFFFFFF, epoch, self._pi, kind]).generate_state(1)[0])
+  def _int_seed(self, *data):
+    """A scalar int64 op seed (for Dataset.shuffle) from (config seed, host, *data)."""
+    return tf.random.stateless_uniform(
+        [], self._seed(*data), minval=0, maxval=2**62, dtype=tf.int64)
 
-  def _draw_counts(self, epoch) -> np.ndarray:
-    rng = np.random.default_rng(self._python_seed(epoch, 3))
+  def _draw_counts(self, epoch):
+    """Balanced sampling: how often each clip of the shard is drawn this epoch.
+
+    N draws with replacement with probability w_i / sum(w) (inverse-CDF sampling of
+    N uniforms), counted per clip: an exact multinomial, as a graph function of the
+    epoch.
+    """
     w = self._weights
-    return rng.multinomial(len(w), w / w.sum()).astype(np.int64)
+    cdf = tf.constant(np.cumsum(w / w.sum()), tf.float64)
+    n = len(w)
+    u = tf.random.stateless_uniform([n], self._seed(epoch, 3), dtype=tf.float64)
+    idx = tf.searchsorted(cdf, u, side='right')
+    idx = tf.minimum(idx, n - 1)  # cdf[-1] may round below 1.
+    return tf.math.bincount(tf.cast(idx, tf.int32), minlength=n, maxlength=n,
+                            dtype=tf.int64)
 
-  def epoch_dataset(self, epoch: int, start_step: int = 0) -> tf.data.Dataset:
-    """The batches of `epoch` from batch `start_step` on (tf.data, not numpy)."""
+  def _epoch_examples(self, epoch):
+    """Raw (undecoded) examples of one training epoch, with their epoch and position."""
+    c, plan = self._c, self._plan
+    epoch = tf.cast(epoch, tf.int64)
+    read_shuffled = c.shuffle_files and self._weights is None
+    ds = self._source.dataset(self._int_seed(epoch, 1) if read_shuffled else None)
+    if self._weights is not None:
+      counts = tf.data.Dataset.from_tensor_slices(self._draw_counts(epoch))
+      ds = tf.data.Dataset.zip((ds, counts)).flat_map(
+          lambda e, k: tf.data.Dataset.from_tensors(e).repeat(k))
+    if c.shuffle_buffer > 1:
+      ds = ds.shuffle(c.shuffle_buffer, seed=self._int_seed(epoch, 2),
+                      reshuffle_each_iteration=False)
+    ds = ds.take(plan.examples_per_epoch)
+    return ds.enumerate().map(lambda pos, e: (epoch, pos, e))
+
+  def dataset(self, epoch: int = 0, start_step: int = 0) -> tf.data.Dataset:
+    """The batches from (epoch, start_step) on, as a tf.data.Dataset.
+
+    Training chains all later epochs in the same pipeline (no restart between
+    epochs); evaluation is the one ordered pass, padded to whole batches.
+    """
     c, plan = self._c, self._plan
     b = plan.host_batch
     auto = tf.data.AUTOTUNE if c.num_parallel_calls == -1 else c.num_parallel_calls
-    shuffle_seed = self._python_seed(epoch, 1)
-    read_shuffled = c.training and c.shuffle_files and self._weights is None
-    ds = self._source.dataset(shuffle_seed if read_shuffled else None)
-    if c.training:
-      if self._weights is not None:
-        counts = tf.data.Dataset.from_tensor_slices(self._draw_counts(epoch))
-        ds = tf.data.Dataset.zip((ds, counts)).flat_map(
-            lambda e, k: tf.data.Dataset.from_tensors(e).repeat(k))
-      if c.shuffle_buffer > 1:
-        ds = ds.shuffle(c.shuffle_buffer, seed=shuffle_seed,
-                        reshuffle_each_iteration=False)
-      ds = ds.take(plan.examples_per_epoch)
-    ds = ds.enumerate()
-    # Skipping happens before decoding: a restore reads but does not decode.
     start = start_step * b
-    ds = ds.skip(start)
-    example_seed = self._seed_root(epoch, 0)
-    decode = self._decode_fn(example_seed)
-    ds = ds.map(decode, num_parallel_calls=auto, deterministic=True)
+    # Skipping happens before decoding: a restore reads but does not decode.
+    if c.training:
+      ds = self._epoch_examples(epoch).skip(start)
+      later = tf.data.Dataset.range(epoch + 1, 2**62).flat_map(self._epoch_examples)
+      ds = ds.concatenate(later)
+    else:
+      ds = self._source.dataset(None).enumerate().skip(start)
+      ds = ds.map(lambda pos, e: (tf.constant(0, tf.int64), pos, e))
+    ds = ds.map(self._decode_fn(), num_parallel_calls=auto, deterministic=True)
     if not c.training:
       total = plan.steps_per_epoch * b
       remaining_real = max(plan.examples_per_epoch - start, 0)
@@ -489,22 +530,20 @@ class InputIterator:
         ds = ds.concatenate(
             tf.data.Dataset.from_tensors(_zeros_like_spec(ds.element_spec)).repeat(pad))
     ds = ds.batch(b, drop_remainder=True)
-    ds = ds.enumerate(start=start_step)
-    batch_fn = self._batch_fn(self._seed_root(epoch, 1))
-    ds = ds.map(batch_fn, num_parallel_calls=auto, deterministic=True)
+    ds = ds.map(self._batch_fn(), num_parallel_calls=auto, deterministic=True)
     if c.prefetch:
       ds = ds.prefetch(c.prefetch)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
 
-  def _decode_fn(self, root_seed):
+  def _decode_fn(self):
     c = self._c
     source = self._source
     size = c.frame_size
 
-    def decode(pos, e):
-      seed = T.fold_in(root_seed, pos)
+    def decode(epoch, pos, e):
+      seed = self._seed(epoch, 0, pos)
       fbank = source.decode_fbank(e[schema.FBANK])
       fbank = _crop_or_pad(fbank, c.target_length)
       frames = e[schema.FRAMES]
@@ -536,6 +575,8 @@ class InputIterator:
           'frames': out_frames,
           'labels': e[schema.LABELS],
           'mask': tf.constant(1.0, tf.float32),
+          'epoch': epoch,
+          'pos': pos,
       }
       if c.return_clip_id:
         out['clip_id'] = e[schema.CLIP_ID]
@@ -543,7 +584,7 @@ class InputIterator:
 
     return decode
 
-  def _batch_fn(self, root_seed):
+  def _batch_fn(self):
     """Batch transforms: random draws in plain TF, then one XLA-compiled function.
 
     Stateless random generation is slow under XLA on CPU, while the elementwise math
@@ -560,6 +601,7 @@ class InputIterator:
     smooth = float(c.label_smooth) if training else 0.0
     freqm, timem = c.freqm, c.timem
     t_size, f_size = c.target_length, c.num_mel_bins
+    philox_noise = c.noise_rng == 'philox'
 
     def math(fbank, frames_u8, labels, d):
       audio = tf.cast(fbank, tf.float32)
@@ -574,14 +616,18 @@ class InputIterator:
       audio = T.normalize_audio(audio, float(c.norm_mean), float(c.norm_std),
                                 float(c.norm_std_factor))
       if use_noise:
-        audio = T.add_noise_and_roll(audio, d['noise_u'], d['noise_scale'],
-                                     d['shifts'])
+        noise_u = d.get('noise_u')
+        if noise_u is None:
+          noise_u = T.hash_uniform([bsz, t_size, f_size], d['noise_keys'])
+        audio = T.add_noise_and_roll(audio, noise_u, d['noise_scale'], d['shifts'])
       return tf.cast(audio, dtype), tf.cast(frames, dtype), targets
 
     math = tf.function(math, jit_compile=bool(c.jit_transforms))
 
-    def batch_fn(step, b):
-      seeds = T.split_seed(T.fold_in(root_seed, step), 3)
+    def batch_fn(b):
+      # Every batch lies within one epoch; its step there names its randomness.
+      step = b['pos'][0] // bsz
+      seeds = T.split_seed(self._seed(b['epoch'][0], 1, step), 3)
       d = {}
       if use_mixup:
         d['do_mix'], d['lam'], d['partner'] = T.mixup_draws(
@@ -590,8 +636,12 @@ class InputIterator:
         d['fs'], d['fe'], d['ts'], d['te'] = T.spec_augment_draws(
             bsz, freqm, timem, t_size, f_size, seeds[1])
       if use_noise:
-        d['noise_u'], d['noise_scale'], d['shifts'] = T.noise_draws(
-            bsz, t_size, f_size, seeds[2])
+        noise_u, d['noise_scale'], d['shifts'] = T.noise_draws(
+            bsz, t_size, f_size, seeds[2], with_noise=philox_noise)
+        if philox_noise:
+          d['noise_u'] = noise_u
+        else:
+          d['noise_keys'] = T.hash_keys(T.fold_in(seeds[2], 1))
       audio, frames, targets = math(b['fbank'], b['frames'], b['labels'], d)
       out = {'audio': audio, 'frames': frames, 'labels': targets, 'mask': b['mask']}
       if 'clip_id' in b:

@@ -116,9 +116,9 @@ def draw_scene(seed: int, split: str, index: int, num_classes: int = MAX_CLASSES
 
 def _events_envelope(scene: Scene, t: np.ndarray, decay: float = 0.12) -> np.ndarray:
   """1 at each event, decaying exponentially until the next (the sound's and flash's shape)."""
-  since = np.mod(t - scene.phase, 1.0 / scene.rate)
-  env = np.exp(-since / decay)
-  return np.where(t < scene.phase, 0.0, env)
+  since = np.mod(t - np.float32(scene.phase), np.float32(1.0 / scene.rate))
+  env = np.exp(since * np.float32(-1.0 / decay))
+  return np.where(t < scene.phase, np.float32(0.0), env)
 
 
 def synthesize_audio(scene: Scene, sample_rate: int = schema.SAMPLE_RATE) -> np.ndarray:
@@ -126,20 +126,25 @@ def synthesize_audio(scene: Scene, sample_rate: int = schema.SAMPLE_RATE) -> np.
   cls = CLASSES[scene.label]
   rng = np.random.default_rng(scene.seed)
   n = int(round(scene.seconds * sample_rate))
-  t = np.arange(n) / sample_rate
+  # float32 throughout: generation speed matters more than precision here.
+  t = np.arange(n, dtype=np.float32) / np.float32(sample_rate)
   env = _events_envelope(scene, t)
   f = scene.freq
   if cls.sound == "tone":
-    src = np.sin(2 * np.pi * f * t)
+    src = np.sin(np.mod(np.float32(f) * t, np.float32(1.0)) * np.float32(2 * np.pi))
   elif cls.sound == "buzz":
-    src = sum(np.sin(2 * np.pi * k * f * t) / k for k in range(1, 7))
+    # Harmonics 1..6 with 1/k amplitudes, on a phase wrapped to one cycle so that float32
+    # stays accurate over 10 s.
+    phase = np.mod(np.float32(f) * t, np.float32(1.0)) * np.float32(2 * np.pi)
+    src = sum(np.sin(np.float32(k) * phase) / np.float32(k) for k in range(1, 7))
   elif cls.sound in ("chirp_up", "chirp_down"):
-    since = np.mod(t - scene.phase, 1.0 / scene.rate)
+    since = np.mod(t - np.float32(scene.phase), np.float32(1.0 / scene.rate))
     sweep = np.clip(since / 0.3, 0.0, 1.0)
     inst = f * (1.0 + 2.0 * sweep) if cls.sound == "chirp_up" else f * (3.0 - 2.0 * sweep)
-    src = np.sin(2 * np.pi * np.cumsum(inst) / sample_rate)
+    cycles = np.mod(np.cumsum(inst, dtype=np.float64) / sample_rate, 1.0)
+    src = np.sin(np.float32(2 * np.pi) * cycles.astype(np.float32))
   else:  # band-limited noise around f
-    spec = np.fft.rfft(rng.standard_normal(n))
+    spec = np.fft.rfft(rng.standard_normal(n, dtype=np.float32))
     freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
     spec[(freqs < 0.75 * f) | (freqs > 1.25 * f)] = 0
     src = np.fft.irfft(spec, n)
@@ -147,7 +152,7 @@ def synthesize_audio(scene: Scene, sample_rate: int = schema.SAMPLE_RATE) -> np.
   signal = src * env
   # Background: broadband noise at the scene's SNR plus a quiet mains-like hum.
   sig_rms = np.sqrt(np.mean(signal**2)) + 1e-9
-  noise = rng.standard_normal(n)
+  noise = rng.standard_normal(n, dtype=np.float32)
   noise *= sig_rms / (10 ** (scene.snr_db / 20)) / (np.sqrt(np.mean(noise**2)) + 1e-9)
   hum = 0.05 * sig_rms * np.sin(2 * np.pi * scene.hum_hz * t)
   wave = signal + noise + hum
@@ -192,10 +197,10 @@ def _background(scene, width, height, variant):
     ramp = scene.gradient * (np.arange(height, dtype=np.float32)[:, None, None] / height - 0.5)
     base = np.asarray(scene.background, np.float32)[None, None, :] + ramp
     _BACKGROUNDS[key] = [
-        np.clip(base + rng.normal(0, 6.0, (height, width, 1)).astype(np.float32), 0, 255)
-        for _ in range(4)
+        np.clip(base + 6.0 * rng.standard_normal((height, width, 1), dtype=np.float32), 0, 255)
+        for _ in range(2)
     ]
-  return _BACKGROUNDS[key][variant % 4]
+  return _BACKGROUNDS[key][variant % 2]
 
 
 def render_frame(scene: Scene, t: float, width: int = RENDER_WIDTH,
@@ -250,6 +255,15 @@ def make_example(seed: int, split: str, index: int, num_classes: int = MAX_CLASS
       schema.FRAME_TIMES: times,
       schema.PATH: f"synthetic://seed={seed}/{split}/{index}",
   }
+
+
+def make_indexed_example(args: tuple) -> tuple[int, dict]:
+  """(seed, split, index, num_classes, num_frames, seconds) -> (index, example).
+
+  Module-level and TensorFlow-free, so that worker processes start fast.
+  """
+  seed, split, index, num_classes, num_frames, seconds = args
+  return index, make_example(seed, split, index, num_classes, num_frames, seconds)
 
 
 def write_video(path: os.PathLike | str, scene: Scene | None = None, *,

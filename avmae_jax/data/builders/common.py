@@ -254,8 +254,32 @@ def process_item(item: Item, *, config: ClipConfig, num_classes: int, cache_dir:
   return [(item.key, example)]
 
 
-def _pool_call(fn, item):
-  return fn(item)
+def parallel_map(fn, items, num_workers: int, window_per_worker: int = 4):
+  """Yields fn(item) in order, from `num_workers` processes (in-process when 1).
+
+  A bounded window of pending items keeps memory flat for millions of items; a crashed worker
+  raises BrokenProcessPool instead of hanging.
+  """
+  if num_workers <= 1:
+    yield from map(fn, items)
+    return
+  import collections  # pylint: disable=import-outside-toplevel
+  from concurrent import futures  # pylint: disable=import-outside-toplevel
+  # spawn: the parent holds TensorFlow threads, which fork does not copy safely.
+  with futures.ProcessPoolExecutor(
+      num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pending = collections.deque()
+    it = iter(items)
+    for item in it:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= num_workers * window_per_worker:
+        break
+    while pending:
+      result = pending.popleft().result()
+      for item in it:
+        pending.append(pool.submit(fn, item))
+        break
+      yield result
 
 
 class ClipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -328,22 +352,14 @@ class ClipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     bar = tqdm(total=len(items), desc=f"{self.name}/{split}", unit="clip",
                disable=not self._progress)
     failed = 0
-    if self._num_workers > 1:
-      # spawn: the parent holds TensorFlow threads, which fork does not copy safely.
-      pool = multiprocessing.get_context("spawn").Pool(self._num_workers)
-      results = pool.imap(functools.partial(_pool_call, fn), items, chunksize=2)
-    else:
-      pool, results = None, map(fn, items)
     try:
-      for out in results:
+      for out in parallel_map(fn, items, self._num_workers):
         failed += not out
         bar.update(1)
         bar.set_postfix(failed=failed)
         yield from out
     finally:
       bar.close()
-      if pool is not None:
-        pool.terminate()
 
   def download_and_prepare(self, *args, **kwargs):
     super().download_and_prepare(*args, **kwargs)

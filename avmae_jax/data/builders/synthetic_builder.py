@@ -5,9 +5,6 @@ local worker processes. Examples follow schema.py like every other builder.
 """
 
 import dataclasses
-import functools
-import multiprocessing
-
 import tensorflow_datasets as tfds
 
 from avmae_jax.data import schema
@@ -33,11 +30,6 @@ def synthetic_config(num_train: int = 512, num_test: int = 128, seed: int = 0,
       name=f"n{num_train}_{num_test}_c{num_classes}_s{seed}_f{num_frames}_t{seconds:g}",
       description="Custom synthetic scenes.", num_train=num_train, num_test=num_test,
       seed=seed, num_classes=num_classes, num_frames=num_frames, seconds=seconds)
-
-
-def _make(args):
-  seed, split, index, num_classes, num_frames, seconds = args
-  return index, synthetic.make_example(seed, split, index, num_classes, num_frames, seconds)
 
 
 class AvmaeSynthetic(tfds.core.GeneratorBasedBuilder):
@@ -77,17 +69,8 @@ class AvmaeSynthetic(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     jobs = [(cfg.seed, split, i, cfg.num_classes, cfg.num_frames, cfg.seconds)
             for i in range(num)]
-    pool = None
-    if self._num_workers > 1 and num > 16:
-      # spawn: the parent holds TensorFlow threads, which fork does not copy safely.
-      pool = multiprocessing.get_context("spawn").Pool(self._num_workers)
-      results = pool.imap(_make, jobs, chunksize=8)
-    else:
-      results = map(_make, jobs)
-    try:
-      for index, example in tqdm(results, total=num, desc=f"{self.name}/{split}",
-                                 unit="clip", disable=not self._progress):
-        yield f"{index:06d}", example
-    finally:
-      if pool is not None:
-        pool.terminate()
+    workers = self._num_workers if num > 16 else 1
+    results = common.parallel_map(synthetic.make_indexed_example, jobs, workers)
+    for index, example in tqdm(results, total=num, desc=f"{self.name}/{split}", unit="clip",
+                               disable=not self._progress):
+      yield f"{index:06d}", example

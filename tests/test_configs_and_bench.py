@@ -1,0 +1,86 @@
+"""Every config builds its model (shape-checked only), params carry logical axes, bench runs."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import pytest
+
+from avmae_jax import api
+from avmae_jax import config_args
+from avmae_jax import models
+from avmae_jax.models import flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each config file with the argument variants it documents.
+VARIANTS = {
+    "cav_mae_pretrain.py": ["size=base", "size=tiny"],
+    "cav_mae_finetune.py": ["size=base", "size=tiny,num_classes=309,mode=audioonly"],
+}
+
+
+def test_every_config_file_is_covered():
+  files = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+  assert files - {"__init__.py"} <= set(VARIANTS), "add new configs to VARIANTS"
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in VARIANTS.items() for a in args])
+def test_config_builds_model(name, arg):
+  config = config_args.load_config(os.path.join(ROOT, "configs", name) + ":" + arg)
+  module = models.build(config.model)
+  shapes = api.abstract_params(module)
+  n_params = sum(x.size for x in jax.tree.leaves(shapes))
+  assert n_params > 0
+  if "size=base" in arg and config.model.kind == "cav_mae":
+    assert n_params == 191_036_160
+  assert models.build(models.model_config(module)) == module  # config round trip
+
+
+def test_bad_config_arguments_name_the_field():
+  with pytest.raises(ValueError, match="unknown config argument 'sise'"):
+    config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_pretrain.py:sise=base"))
+  with pytest.raises(ValueError, match="model size"):
+    config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_pretrain.py:size=huge"))
+  with pytest.raises(ValueError, match="mode must be one of"):
+    config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_finetune.py:mode=both"))
+
+
+@pytest.mark.parametrize("kind", ["cav_mae", "cav_mae_ft"])
+def test_every_parameter_has_logical_axes(kind):
+  module = models.build(dict(kind=kind, **models.size_fields("tiny", kind)))
+  audio, frames = api.example_inputs(module)
+  boxed = jax.eval_shape(lambda a, v: module.init(
+      {"params": jax.random.key(0), "masking": jax.random.key(1)}, a, v), audio, frames)
+  specs = nn.get_partition_spec(boxed["params"])
+  for path, value in jax.tree_util.tree_leaves_with_path(
+      boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    assert isinstance(value, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no axes"
+    assert len(value.names) == value.value.ndim, jax.tree_util.keystr(path)
+  assert jax.tree.leaves(specs)
+
+
+@pytest.mark.parametrize("config,tolerance", [
+    ("configs/cav_mae_pretrain.py:size=tiny", 0.02),
+    ("configs/cav_mae_finetune.py:size=tiny,num_classes=10", 0.02),
+])
+def test_bench_model_prints_json_and_flops_agree_with_xla(config, tolerance):
+  result = subprocess.run(
+      [sys.executable, "-m", "avmae_jax.bench", "model", "--config", config,
+       "--batch_size", "2", "--steps", "1"], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["step_ms"] > 0 and report["backend"] == "cpu"
+  # XLA also counts elementwise work, so it is a little above the matmul-only formula.
+  assert 0 <= report["xla_flops_per_sample"] / report["flops_per_sample"] - 1 < tolerance
+
+
+def test_flops_formula_on_a_single_block():
+  # One block, independent arithmetic: qkv + proj + mlp matmuls, then scores and AV.
+  n, d = 10, 16
+  want = 2 * n * d * 3 * d + 2 * n * d * d + 2 * (2 * n * d * 4 * d) + 2 * (2 * n * n * d)
+  assert flops.block_flops(n, d, 4.0) == want
