@@ -3,6 +3,13 @@ r"""Benchmarks that print measured figures; the last line of each is one JSON ob
   python -m avmae_jax.bench model --config configs/cav_mae_pretrain.py:size=base --batch_size 2
       compiled forward+backward of the model alone (random inputs, no optimizer, no input
       pipeline): step_ms, samples_per_s, analytic flops_per_sample, achieved TFLOP/s.
+  python -m avmae_jax.bench train --config configs/cav_mae_pretrain.py --batch_size 8
+      the real sharded train step (model, optimizer update, donation) over all devices:
+      step_ms, samples_per_s, mfu (null where the accelerator's peak is unknown), memory.
+  python -m avmae_jax.bench aot --config configs/cav_mae_pretrain.py --topology v5e:4x4 \
+      --batch_size 256 [--mesh data=-1,fsdp=4]
+      compiles the real train step for a TPU topology on this machine (needs libtpu:
+      `pip install "jax[tpu]"`) and prints the per-chip memory XLA plans for it.
   python -m avmae_jax.bench data ...
       prepare and input-pipeline throughput (see avmae_jax/data/benchmark.py).
 
@@ -24,7 +31,24 @@ import optax
 from avmae_jax import api
 from avmae_jax import config_args
 from avmae_jax import models
+from avmae_jax import sharding
+from avmae_jax import trainer as trainer_lib
 from avmae_jax.models import flops as flops_lib
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by a substring
+# of jax's device_kind. MFU is reported against these; null for anything not listed.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops(device_kind: str):
+  for name, peak in PEAK_BF16_FLOPS.items():
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
 
 
 def _loss_fn(module, mode):
@@ -86,6 +110,99 @@ def bench_model(args) -> dict:
   }
 
 
+def _training_config(args):
+  config = config_args.load_config(args.config)
+  config.batch_size = args.batch_size
+  if args.dtype:
+    config.model.dtype = args.dtype
+  if args.mesh:
+    config.mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
+  if args.remat is not None:
+    config.model.remat = args.remat
+  return config
+
+
+def _memory(compiled) -> dict:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  fields = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0)
+            for name in ("argument", "output", "temp", "alias", "generated_code")}
+  fields["per_device_bytes"] = (fields["argument"] + fields["output"] + fields["temp"]
+                                - fields["alias"])
+  return fields
+
+
+def bench_train(args) -> dict:
+  config = _training_config(args)
+  mesh = sharding.make_mesh(config.mesh)
+  trainer = trainer_lib.build_trainer(config, mesh, steps_per_epoch=1000)
+  rng = np.random.default_rng(0)
+  with jax.set_mesh(mesh):
+    state = trainer.init()
+    specs = trainer.batch_spec(args.batch_size)
+    batch = {k: jax.device_put(rng.standard_normal(v.shape).astype(v.dtype), v.sharding)
+             for k, v in specs.items()}
+    start = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  per_sample = flops_lib.train_flops(trainer.module, config.get("mode", "multimodal"))
+  device = jax.devices()[0]
+  peak = peak_flops(device.device_kind)
+  achieved = per_sample * args.batch_size / step_s
+  stats = device.memory_stats() or {}
+  return {
+      "bench": "train", "config": args.config, "kind": trainer.kind,
+      "dtype": jnp.dtype(trainer.module.dtype).name, "batch_size": args.batch_size,
+      "mesh": dict(mesh.shape), "steps": args.steps, "step_ms": round(step_s * 1e3, 2),
+      "compile_s": round(compile_s, 2), "samples_per_s": round(args.batch_size / step_s, 3),
+      "flops_per_sample": per_sample, "achieved_tflops": achieved / 1e12,
+      "mfu": None if peak is None else achieved / (peak * mesh.size),
+      "peak_bytes": stats.get("peak_bytes_in_use"), **_memory(compiled),
+      "loss": float(metrics["loss"]), "backend": jax.default_backend(),
+      "device_kind": device.device_kind, "devices": mesh.size,
+  }
+
+
+def bench_aot(args) -> dict:
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f"cannot describe TPU topology {args.topology!r} ({e}); is libtpu "
+                     "installed (pip install \"jax[tpu]\")?") from e
+  devices = topology.devices
+  config = _training_config(args)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  trainer = trainer_lib.build_trainer(config, mesh, steps_per_epoch=1000)
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      trainer.abstract_state, trainer.state_shardings)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = trainer.train_step.lower(abstract_state,
+                                        trainer.batch_spec(args.batch_size)).compile()
+  compile_s = time.perf_counter() - start
+  n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
+  hosts = len({d.process_index for d in devices})
+  return {
+      "bench": "aot", "config": args.config, "kind": trainer.kind, "topology": args.topology,
+      "devices": len(devices), "hosts": hosts, "device_kind": devices[0].device_kind,
+      "mesh": dict(mesh.shape), "batch_size": args.batch_size,
+      "dtype": jnp.dtype(trainer.module.dtype).name, "params": int(n_params),
+      "compile_s": round(compile_s, 2), **_memory(compiled),
+  }
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m avmae_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +213,18 @@ def main(argv=None):
   model.add_argument("--steps", type=int, default=5)
   model.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                      help="compute dtype (default: the config's)")
+  for name, text in (("train", "the real sharded train step over all devices"),
+                     ("aot", "ahead-of-time compile of the train step for a TPU topology")):
+    p = sub.add_parser(name, help=text)
+    p.add_argument("--config", required=True, help="configs/FILE.py[:args]")
+    p.add_argument("--batch_size", type=int, required=True, help="global batch")
+    p.add_argument("--mesh", default=None, help="e.g. data=-1,fsdp=4 (default: the config's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--remat", type=lambda v: v.lower() in ("1", "true"), default=None)
+    if name == "train":
+      p.add_argument("--steps", type=int, default=5)
+    else:
+      p.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5e:8x8, v5p:2x2x2")
   sub.add_parser("data", help="prepare and input-pipeline throughput", add_help=False)
   args, rest = parser.parse_known_args(argv)
   if args.command == "data":
@@ -103,13 +232,22 @@ def main(argv=None):
     return benchmark.main(rest)
   if rest:
     parser.error(f"unrecognised arguments: {' '.join(rest)}")
-  if args.batch_size < 1 or args.steps < 1:
+  if args.batch_size < 1 or getattr(args, "steps", 1) < 1:
     parser.error("--batch_size and --steps must be positive")
-  result = bench_model(args)
-  print(f"{result['kind']} {result['dtype']} batch {result['batch_size']} on "
-        f"{result['backend']} ({result['device_kind']}): {result['step_ms']:.1f} ms/step, "
-        f"{result['samples_per_s']:.2f} samples/s, {result['achieved_tflops']:.3f} TFLOP/s "
-        f"(compile {result['compile_s']:.1f} s)")
+  if args.command == "aot":
+    result = bench_aot(args)
+    print(f"{result['kind']} {result['dtype']} on {result['topology']} ({result['devices']} "
+          f"chips, {result['hosts']} hosts), mesh {result['mesh']}, global batch "
+          f"{result['batch_size']}: {result.get('per_device_bytes', 0) / 2**30:.2f} GiB per chip "
+          f"(compile {result['compile_s']:.1f} s)")
+  else:
+    result = bench_model(args) if args.command == "model" else bench_train(args)
+    mfu = result.get("mfu")
+    print(f"{result['kind']} {result['dtype']} batch {result['batch_size']} on "
+          f"{result['backend']} ({result['device_kind']}): {result['step_ms']:.1f} ms/step, "
+          f"{result['samples_per_s']:.2f} samples/s, {result['achieved_tflops']:.3f} TFLOP/s"
+          + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
+          + f" (compile {result['compile_s']:.1f} s)")
   print(json.dumps(result))
   return 0
 

@@ -1,23 +1,71 @@
-r"""CAV-MAE pretraining (cav-mae spec sections 4 and 6).
+r"""CAV-MAE pretraining recipes (cav-mae spec sections 4 and 6).
 
-  --config configs/cav_mae_pretrain.py:size=base     the paper's model
-  --config configs/cav_mae_pretrain.py:size=tiny     tests and the demo
+  --config configs/cav_mae_pretrain.py                       AS-2M, base model, the paper's recipe
+  --config configs/cav_mae_pretrain.py:recipe=scale++        batch 256, lr 2e-4 (released model)
+  --config configs/cav_mae_pretrain.py:data=vggsound,recipe=vggsound   VGGSound, from AS scale++
+  --config configs/cav_mae_pretrain.py:size=tiny,data=synthetic        a tiny smoke-test run
 
 Loss weights select the paper's variants: the default is CAV-MAE (mae 1.0, contrast 0.01);
 `--config.model.contrast_loss_weight=0` gives AV-MAE, `--config.model.mae_loss_weight=0` CAV.
+The reference trained on 4 GPUs with per-GPU negatives; `--config.model.contrastive_groups=4`
+reproduces that exactly (the default contrasts over the whole global batch).
 """
 
 import ml_collections
 
 from avmae_jax import config_args
 from avmae_jax import models
+from avmae_jax import optim
+from avmae_jax.data import config as data_config
+
+# recipe: (global batch, lr, epochs); the lr halves after epochs 10, 15, 20 (start 10, every 5).
+RECIPES = {
+    "base": (48, 5e-5, 25),
+    "scale+": (120, 1e-4, 25),
+    "scale++": (256, 2e-4, 25),
+    "vggsound": (120, 5e-5, 10),
+}
+DATASETS = {  # TFDS builder names (prepared with `python -m avmae_jax.prepare`)
+    "audioset": ("avmae_audioset", "train", "eval"),
+    "vggsound": ("avmae_vggsound", "train", "test"),
+    "synthetic": ("", "train", "test"),
+}
 
 
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, size="base")
+  arg = config_args.parse_arg(arg, size="base", recipe="base", data="audioset",
+                              data_dir="~/tensorflow_datasets")
+  if arg.recipe not in RECIPES:
+    raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {arg.recipe!r}")
+  if arg.data not in DATASETS:
+    raise ValueError(f"data must be one of {sorted(DATASETS)}, got {arg.data!r}")
+  batch, lr, epochs = RECIPES[arg.recipe]
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.batch_size = 48  # global; the AS-2M base recipe
+  config.batch_size = batch  # global
+  config.num_epochs = epochs
+  config.total_steps = -1  # -1: num_epochs x steps per epoch of the training split
+  config.log_every = 100
+  config.checkpoint_every = 2000
+  config.keep_checkpoints = 3
+  config.eval_every = 10000  # 0 = never
+  config.init_from = ""  # model checkpoint dir or .pth (e.g. `export --imagenet_mae` output)
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+
+  config.optimizer = optim.default_optimizer_config()
+  config.optimizer.lr = lr
+
+  name, train_split, eval_split = DATASETS[arg.data]
+  config.data = data_config.default_data_config("pretrain")
+  config.data.name, config.data.data_dir = name, arg.data_dir
+  config.data.split = train_split
+  config.eval_data = data_config.default_data_config("eval")
+  config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
+  config.eval_data.split = eval_split
+  config.eval_data.batch_size = 64
+  if arg.data == "synthetic":
+    config.synthetic = dict(num_train=512, num_test=128, seed=0, num_classes=8,
+                            data_dir=arg.data_dir, num_workers=2)
 
   config.model = dict(
       kind="cav_mae",
@@ -33,7 +81,8 @@ def get_config(arg=None):
       bidirect_contrast=False,
       contrast_temperature=0.05,
       chain_shared_blocks_in_contrast=False,
+      contrastive_groups=1,
       remat=False,
-      dtype="float32",  # compute dtype; parameters stay float32
+      dtype="float32",  # compute dtype; parameters and optimizer state stay float32
   )
   return config

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs an avmae_jax entry point on this machine, from the repository root.
-#   launch/local.sh avmae_jax.demo --steps 5
+#   launch/local.sh avmae_jax.train --config configs/demo.py --workdir /tmp/avmae_demo
 #   CPU_DEVICES=8 launch/local.sh avmae_jax.bench model --config configs/cav_mae_pretrain.py:size=tiny
 # CPU_DEVICES=N splits the host CPU into N XLA devices, to try sharded code without accelerators.
 set -euo pipefail

@@ -113,8 +113,8 @@ def pretrain_outputs(pretrain_pair):
     out, feats = run(model.params, noise_a, noise_v)
     with torch.no_grad():
       want = ref(torch.from_numpy(audio), to_nchw(frames), mask_mode=mode,
-                 noise_a=torch.from_numpy(np.asarray(noise_a)),
-                 noise_v=torch.from_numpy(np.asarray(noise_v)))
+                 noise_a=torch.from_numpy(np.array(noise_a)),
+                 noise_v=torch.from_numpy(np.array(noise_v)))
     results[mode] = (out, want)
   with torch.no_grad():
     ref_feats = ref.forward_feat(torch.from_numpy(audio), to_nchw(frames))
@@ -195,11 +195,11 @@ def test_gradients_match_on_tiny_model():
   module = model.module
   noise_a, noise_v = module.apply({"params": model.params}, BATCH, method=module.draw_noise,
                                   rngs={"masking": jax.random.key(6)})
-  grads = jax.grad(lambda p: module.apply({"params": p}, audio, frames, noise_a, noise_v)
-                   ["loss"])(model.params)
+  grads = jax.jit(jax.grad(lambda p: module.apply(
+      {"params": p}, audio, frames, noise_a, noise_v)["loss"]))(model.params)
   out = ref(torch.from_numpy(audio), to_nchw(frames),
-            noise_a=torch.from_numpy(np.asarray(noise_a)),
-            noise_v=torch.from_numpy(np.asarray(noise_v)))
+            noise_a=torch.from_numpy(np.array(noise_a)),
+            noise_v=torch.from_numpy(np.array(noise_v)))
   out["loss"].backward()
   got = interop.flax_to_torch(grads)
   for key, param in ref.named_parameters():

@@ -13,13 +13,17 @@ import pytest
 from avmae_jax import api
 from avmae_jax import config_args
 from avmae_jax import models
+from avmae_jax import optim
+from avmae_jax.data import config as data_config
 from avmae_jax.models import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each config file with the argument variants it documents.
 VARIANTS = {
-    "cav_mae_pretrain.py": ["size=base", "size=tiny"],
+    "cav_mae_pretrain.py": ["size=base", "size=tiny", "recipe=scale++",
+                            "data=vggsound,recipe=vggsound", "size=tiny,data=synthetic"],
     "cav_mae_finetune.py": ["size=base", "size=tiny,num_classes=309,mode=audioonly"],
+    "demo.py": ["", "steps=10"],
 }
 
 
@@ -33,6 +37,11 @@ def test_config_builds_model(name, arg):
   config = config_args.load_config(os.path.join(ROOT, "configs", name) + ":" + arg)
   module = models.build(config.model)
   shapes = api.abstract_params(module)
+  if "data" in config:  # training configs: the data and optimizer sections are valid too
+    data_config.validate_config(config.data)
+    data_config.validate_config(config.eval_data)
+    optim.make_optimizer(config, shapes, steps_per_epoch=100,
+                         global_batch_size=config.batch_size)
   n_params = sum(x.size for x in jax.tree.leaves(shapes))
   assert n_params > 0
   if "size=base" in arg and config.model.kind == "cav_mae":

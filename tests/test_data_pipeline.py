@@ -5,7 +5,13 @@ fast; one test reads a tiny prepared TFDS dataset written to a temporary directo
 Expected values are numpy computations of the spec formulas from the stored inputs.
 """
 
+import gc
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -128,6 +134,24 @@ def test_mavil_mode_eval_centred_window_and_norm():
   np.testing.assert_allclose(b['audio'], want_a, rtol=1e-5, atol=1e-5)
 
 
+def test_mavil_mode_training_takes_consecutive_frames_at_random_starts():
+  d = _examples(4, num_frames=20, spacing=0.5)
+  c = _config('pretrain', mode='mavil', batch=4, noise=False, return_clip_id=True)
+  it = P.create_iterator(c, _ds(d), process_index=0, process_count=1)
+  starts = set()
+  for b in _take(it, 4):
+    assert b['frames'].shape == (4, 8, SIZE, SIZE, 3)
+    for i, cid in enumerate(_id(b)):
+      clip = int(cid[1:])
+      pix = np.rint((b['frames'][i, :, 0, 0, 0] * STD[0] + MEAN[0]) * 255)
+      k0 = [k for k in range(13) if (7 * clip + 3 * k) % 251 == pix[0]]
+      assert len(k0) == 1
+      np.testing.assert_array_equal(pix, [(7 * clip + 3 * (k0[0] + j)) % 251
+                                          for j in range(8)])
+      starts.add(k0[0])
+  assert len(starts) >= 3
+
+
 def test_bfloat16_output():
   c = _config('eval', batch=2, dtype='bfloat16')
   (b,) = list(P.create_iterator(c, _ds(_examples(2)), process_index=0, process_count=1))
@@ -226,6 +250,28 @@ def test_same_seed_same_batches_different_seed_differs():
   assert not np.array_equal(other[0]['audio'], runs[0][0]['audio'])
 
 
+def _digest(stage, n_batches):
+  """SHA-256 over the first batches of a finetune/pretrain stream of fixed data."""
+  c = _config(stage, batch=4, return_clip_id=True)
+  it = P.create_iterator(c, _ds(_examples(12)), process_index=0, process_count=1)
+  h = hashlib.sha256()
+  for b in _take(it, n_batches):
+    for k in sorted(b):
+      h.update(np.ascontiguousarray(b[k]).tobytes() if b[k].dtype != object
+               else b''.join(b[k]))
+  return h.hexdigest()
+
+
+def test_same_seed_same_batches_across_processes():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('from tests.test_data_pipeline import _digest; '
+          'print(_digest("finetune", 5))')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, check=True,
+                       capture_output=True, text=True, timeout=120).stdout
+  assert out.strip().splitlines()[-1] == _digest('finetune', 5)
+
+
 @pytest.mark.parametrize('stage', ['pretrain', 'finetune'])
 def test_restore_mid_epoch_gives_same_continuation(stage):
   d = _examples(12)
@@ -255,6 +301,21 @@ def test_state_round_trips_through_orbax_checkpoint_manager(tmp_path):
   fresh = P.create_iterator(c, _ds(d), process_index=0, process_count=1)
   fresh.set_state(restored['data'])
   _assert_batches_equal(_take(fresh, 3), expected)
+
+
+def test_dropped_iterator_is_freed_without_garbage_collection():
+  # An endless iterator left to the cyclic collector would keep its prefetch
+  # threads running; the pipeline keeps itself out of reference cycles.
+  it = P.create_iterator(_config('finetune', batch=4), _ds(_examples(8)),
+                         process_index=0, process_count=1)
+  next(it)
+  ref = weakref.ref(it)
+  gc.disable()
+  try:
+    del it
+    assert ref() is None
+  finally:
+    gc.enable()
 
 
 def test_restore_rejects_inconsistent_state():
@@ -333,7 +394,7 @@ def test_balanced_sampling_evens_out_classes_deterministically():
     ('mode', 'clip'), ('freqm', -1), ('timem', 2000), ('mixup', 1.5),
     ('label_smooth', 1.0), ('dtype', 'float64'), ('batch_size', 0),
     ('frame_use', -3), ('num_frames', 10), ('norm_std', 0.0),
-    ('noise_rng', 'mt19937'),
+    ('noise_rng', 'mt19937'), ('eval_all_frames', True),
 ])
 def test_bad_config_names_the_field(field, value):
   c = _config('pretrain')
@@ -373,3 +434,23 @@ def test_prepared_tfds_dataset_two_hosts_and_restore(tmp_path):
   fresh = P.create_iterator(c, process_index=0, process_count=1)
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 4), expected)
+
+
+def test_frame_use_beyond_stored_frames_is_an_error():
+  c = _config('eval', batch=2, frame_use=12)
+  for jpeg in (False, True):  # Static frame count: at build time; JPEGs: at run time.
+    it = P.create_iterator(c, _ds(_examples(2, jpeg=jpeg)), process_index=0,
+                           process_count=1)
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match='frame_use'):
+      next(it)
+
+
+def test_data_config_module_does_not_import_tensorflow():
+  code = ('import sys; from avmae_jax.data import config; '
+          'config.validate_config(config.default_data_config("finetune", "mavil")); '
+          'print(sorted(m for m in ("tensorflow", "tensorflow_datasets") '
+          'if m in sys.modules))')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, check=True,
+                       capture_output=True, text=True, timeout=60).stdout
+  assert out.strip() == '[]'

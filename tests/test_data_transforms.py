@@ -211,3 +211,17 @@ def test_hash_uniform_statistics_and_keys():
   assert abs(np.corrcoef(flat, other.ravel())[0, 1]) < 5e-3
   np.testing.assert_array_equal(u, T.hash_uniform([64, 1024, 16],
                                                   T.hash_keys([1, 2])).numpy())
+
+
+def test_mix_log_mel_extreme_values_stay_finite_and_exact():
+  a = np.full((2, 4, 3), -15.9424, np.float32)
+  b = np.full((2, 4, 3), 25.0, np.float32)
+  lam = np.array([0.999, 0.02], np.float32)
+  got = T.mix_log_mel(a, b, lam).numpy()
+  for i, l in enumerate(lam.astype(np.float64)):
+    want = np.logaddexp(a[i] + 2 * np.log(l), b[i] + 2 * np.log(1 - l))
+    np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+  got = T.mix_log_mel(b, a, lam).numpy()
+  for i, l in enumerate(lam.astype(np.float64)):
+    want = np.logaddexp(b[i] + 2 * np.log(l), a[i] + 2 * np.log(1 - l))
+    np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,9 @@ print(",".join(heavy))
     ("avmae_jax.interop", set()),
     ("avmae_jax.export", set()),
     ("avmae_jax.bench", set()),
+    ("avmae_jax.train", set()),
+    ("avmae_jax.trainer", set()),
+    ("avmae_jax.data.config", set()),
 ])
 def test_import_does_not_pull_heavy_frameworks(module, allowed):
   out = subprocess.run([sys.executable, "-c", PROBE.format(module=module)],
@@ -27,3 +30,12 @@ def test_import_does_not_pull_heavy_frameworks(module, allowed):
   assert out.returncode == 0, out.stderr
   loaded = set(filter(None, out.stdout.strip().split(",")))
   assert loaded <= allowed, f"{module} imports {loaded - allowed}"
+
+
+def test_loading_a_training_config_does_not_import_tensorflow():
+  probe = PROBE.format(module="avmae_jax.config_args").replace(
+      "heavy =", "avmae_jax.config_args.load_config('configs/cav_mae_pretrain.py')\nheavy =")
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       timeout=120, cwd=__file__.rsplit("/tests/", 1)[0])
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == ""

@@ -165,3 +165,16 @@ def test_block_uses_the_norm_pair_of_its_modality():
   assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])
   with pytest.raises(ValueError, match="modality"):
     block.apply({"params": params}, x, "x")
+
+
+def test_contrastive_groups_are_independent_chunks():
+  rng = np.random.default_rng(8)
+  a, v = (jnp.asarray(x, jnp.float32) for x in rng.standard_normal((2, 8, 6)))
+  nce, acc = losses.contrastive_loss(a, v, 0.05, False, groups=2)
+  parts = [losses.contrastive_loss(a[i:i + 4], v[i:i + 4], 0.05) for i in (0, 4)]
+  np.testing.assert_allclose(float(nce), np.mean([float(p[0]) for p in parts]), rtol=1e-6)
+  assert float(acc) == pytest.approx(np.mean([float(p[1]) for p in parts]))
+  whole, _ = losses.contrastive_loss(a, v, 0.05)
+  assert abs(float(whole) - float(nce)) > 1e-3  # more negatives: a different loss
+  with pytest.raises(ValueError, match="contrastive_groups=3"):
+    losses.contrastive_loss(a, v, 0.05, groups=3)

@@ -116,21 +116,31 @@ def kaldi_fbank(waveform: np.ndarray,
   if x.shape[0] < window:
     return np.zeros((0, num_mel_bins), np.float32)
   num_frames = 1 + (x.shape[0] - window) // shift
-  frames = np.lib.stride_tricks.as_strided(
-      x, shape=(num_frames, window), strides=(shift * x.strides[0], x.strides[0]))
-  frames = frames - frames.mean(axis=1, keepdims=True, dtype=np.float32)
-  if preemphasis:
-    # Kaldi pre-emphasis treats the sample before the first as equal to the first.
-    emph = np.empty_like(frames)
-    emph[:, 1:] = frames[:, 1:] - np.float32(preemphasis) * frames[:, :-1]
-    emph[:, 0] = frames[:, 0] * np.float32(1.0 - preemphasis)
-    frames = emph
-  frames *= _hanning(window)
-  spec = scipy.fft.rfft(frames, n=n_fft, axis=1)
-  power = spec.real * spec.real + spec.imag * spec.imag
+  c = np.float32(preemphasis)
+  # Per-frame DC removal commutes with pre-emphasis up to a constant: emph(x - m) equals
+  # emph(x) - (1 - c) * m on every sample (the first one included, Kaldi's replicate rule).
+  # So pre-emphasise the whole signal once, frame it, and subtract (1 - c) * m afterwards;
+  # this saves passes over the [frames, window] matrix, which dominate the cost.
+  emph = np.empty_like(x)
+  emph[1:] = x[1:] - c * x[:-1]
+  emph[0] = x[0]
+  starts = np.arange(num_frames) * shift
+  framed = np.lib.stride_tricks.as_strided(
+      emph, shape=(num_frames, window), strides=(shift * emph.strides[0], emph.strides[0]))
+  buf = np.zeros((num_frames, n_fft), np.float32)
+  frames = buf[:, :window]
+  np.multiply(framed, _hanning(window), out=frames)
+  # Column 0 of a frame is (1 - c) * x[start], not x[start] - c * x[start - 1].
+  frames[:, 0] = (np.float32(1.0) - c) * x[starts] * _hanning(window)[0]
+  csum = np.concatenate([[0.0], np.cumsum(x, dtype=np.float64)])
+  means = ((csum[starts + window] - csum[starts]) / window).astype(np.float32)
+  frames -= np.outer((np.float32(1.0) - c) * means, _hanning(window))
+  spec = scipy.fft.rfft(buf, axis=1, overwrite_x=True)
+  power = np.square(spec.real)
+  power += np.square(spec.imag)
   banks = mel_filters(num_mel_bins, n_fft, float(sample_rate), float(low_freq),
                       float(high_freq))
-  mel = power.astype(np.float32, copy=False) @ banks
+  mel = power @ banks
   np.maximum(mel, np.float32(FLOAT32_EPS), out=mel)
   return np.log(mel, out=mel)
 

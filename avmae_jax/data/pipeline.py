@@ -16,17 +16,21 @@ and yields this host's share of the global batch as a dict of numpy arrays, read
   clip_id [b] bytes (object)                 only with return_clip_id; drop it before
                                              putting the batch on devices
 
-Determinism and state. There is no hidden random state: the order of an epoch is a
-function of (seed, epoch, host) (TFDS file order and the shuffle buffer are seeded
-with it, balanced-sampling draws come from a numpy generator keyed on it), and every
-augmentation draw uses stateless ops keyed on (seed, epoch, host, example position or
-batch step). So the iterator state is just (epoch, batches consumed in the epoch):
-`get_state()` returns a small JSON-able dict and `set_state()` rebuilds the epoch's
-dataset and skips the consumed examples BEFORE the expensive decoding (frames and the
-zlib-compressed log-mel are read with SkipDecoding), so a mid-epoch restore costs one
-read of the skipped records, with an exact continuation. We chose this over
-tf.train.Checkpoint(iterator=...), which would store the shuffle buffer (hundreds of
-MB of encoded clips) in every checkpoint.
+Determinism and state. There is no hidden random state: an epoch's order is a graph
+function of (seed, host, epoch) (file order and shuffle buffer are seeded with it,
+balanced-sampling draws too), and every augmentation draw uses stateless ops keyed on
+(seed, host, epoch, example position or batch step). Epochs are chained inside one
+tf.data pipeline (`Dataset.range(epoch, ...).flat_map(epoch)`), so there is no stall
+or rebuild between epochs. The iterator state is just (epoch, batches consumed in
+it): `get_state()` returns a small JSON-able dict and `set_state()` rebuilds the
+pipeline and skips the consumed records while they are still serialized (parsing,
+the zlib log-mel and the JPEGs come after), so a mid-epoch restore costs one read of
+the skipped records (about 0.25 ms of CPU each on this 2-core machine) and continues
+exactly. Only the frames a batch needs are decoded (SkipDecoding, then
+decode_jpeg). We chose this over tf.train.Checkpoint(iterator=...), which stores the
+shuffle buffer (hundreds of MB of encoded clips) in every checkpoint. Order depends on TensorFlow's global seed too
+(Dataset.shuffle combines it with the op seed): do not call tf.random.set_seed with
+different values across a save and its restore.
 
 Multi-host. Each process reads `tfds.even_splits(split, process_count)[process_index]`
 (or `Dataset.shard` for in-memory datasets) and yields batch_size // process_count
@@ -37,158 +41,41 @@ with mask = 0.
 
 Balanced sampling (spec 3): per-class weight 1000 / (count + 0.01), clip weight = sum
 over its labels; each epoch draws the host's shard size of clips with replacement
-(numpy multinomial counts over the shard, exact), emits each clip as many times as it
-was drawn and shuffles. Class counts are those of the host's shard (proportional to
-the global ones up to sampling noise), or per-clip weights come from a file.
+(inverse-CDF draws counted per clip: exact multinomial counts), emits each clip as
+many times as it was drawn and shuffles (copies of a clip then lie within about a
+shuffle buffer of each other, where the reference's sampler spreads them over the
+epoch). The weights need one pass over the shard's labels when the pipeline is built,
+with the class counts of the host's shard (proportional to the global ones up to
+sampling noise), or come per clip from a file (balanced_weights_file, in the shard's
+read order).
+
+Mixup (spec 3) is done per batch, before SpecAugment and normalisation as in the
+reference: the partner is another clip of the same shuffled batch; the log-mels are
+mixed in the power domain, log(l^2 exp(A) + (1 - l)^2 exp(B)), on the UN-normalised
+values (transforms.mix_log_mel explains why), images linearly, labels as the spec.
+
+Augmentations (noise and roll, SpecAugment, mixup, label smoothing, random frames)
+apply only when `training`; evaluation always gives plain normalised inputs.
 """
 
+import copy
 import dataclasses
 import json
 from typing import Any, Iterator, Mapping, Optional
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from avmae_jax.data import config as data_config
 from avmae_jax.data import schema
 from avmae_jax.data import transforms as T
 
 STATE_VERSION = 1
-MODES = ('cav_mae', 'mavil')
-STAGES = ('pretrain', 'finetune', 'eval')
 DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16}
-
-CAV_MAE_NORM = (-5.081, 4.4849, 1.0)
-MAVIL_NORM = (-4.2677393, 4.5689974, 2.0)
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def default_data_config(stage: str = 'pretrain',
-                        mode: str = 'cav_mae') -> ml_collections.ConfigDict:
-  """The `config.data` section with the reference's defaults for a stage and model.
-
-  Args:
-    stage: 'pretrain' (noise on, no SpecAugment/mixup), 'finetune' (noise, SpecAugment
-      48/192, mixup 0.5, label smoothing 0.1) or 'eval' (one ordered pass, no
-      augmentation, frame 5, clip ids).
-    mode: 'cav_mae' (one frame, mean/std -5.081/4.4849) or 'mavil' (8 frames at 2
-      frames/s, (x - mean) / (2 std) with -4.2677393/4.5689974).
-  """
-  if stage not in STAGES:
-    raise ValueError(f'stage must be one of {STAGES}, got {stage!r}')
-  if mode not in MODES:
-    raise ValueError(f'config.data.mode must be one of {MODES}, got {mode!r}')
-  c = ml_collections.ConfigDict()
-  # Where the prepared examples are: a TFDS builder name (+ data_dir), or a
-  # prepared dataset's directory (builder_dir). Tests pass a tf.data.Dataset instead.
-  c.name = ''
-  c.data_dir = ''
-  c.builder_dir = ''
-  c.split = 'train' if stage != 'eval' else 'test'
-  # True: shuffled, endless epochs, random frame, augmentation. False: one ordered
-  # pass, frame `frame_use`, no augmentation or smoothing, last batch padded.
-  c.training = stage != 'eval'
-  c.batch_size = 48  # GLOBAL; each host yields batch_size // process_count.
-  c.shuffle_buffer = 2048  # encoded clips (~0.3 MB each) held for shuffling.
-  c.shuffle_files = True
-  c.seed = 0
-  c.mode = mode
-  # Audio (spec 1).
-  c.target_length = schema.TARGET_FRAMES
-  c.num_mel_bins = schema.NUM_MEL_BINS
-  mean, std, factor = CAV_MAE_NORM if mode == 'cav_mae' else MAVIL_NORM
-  c.norm_mean = mean
-  c.norm_std = std
-  c.norm_std_factor = factor  # MAViL divides by 2 std.
-  c.noise = stage != 'eval'
-  # Generator of the 131k noise values per clip: 'hash' (a counter-based integer hash
-  # inside the XLA-compiled transforms; fast) or 'philox' (tf stateless_uniform).
-  c.noise_rng = 'hash'
-  c.freqm = 48 if stage == 'finetune' else 0
-  c.timem = 192 if stage == 'finetune' else 0
-  # Labels and mixup (spec 3).
-  c.mixup = 0.5 if stage == 'finetune' else 0.0
-  c.mixup_alpha = 10.0
-  c.label_smooth = 0.1 if stage == 'finetune' else 0.0
-  c.balanced_sampling = False
-  c.balanced_weights_file = ''  # optional .npy/.csv of per-clip weights of the shard.
-  # Frames (spec 2; MAViL).
-  c.frame_size = schema.FRAME_SIZE
-  c.frame_use = -1  # evaluation frame; -1 means 5 (the reference's choice).
-  c.eval_all_frames = False  # CAV-MAE evaluation aggregation: all 10 frames.
-  c.num_frames = 8 if mode == 'mavil' else 1
-  c.mavil_fps = 2.0
-  # Output.
-  c.dtype = 'float32'  # or 'bfloat16', for audio and frames.
-  c.return_clip_id = stage == 'eval'
-  c.num_parallel_calls = -1  # -1 = AUTOTUNE.
-  c.prefetch = 4  # batches.
-  # Compile the batch transforms with XLA (several times faster on CPU hosts).
-  c.jit_transforms = True
-  return c
-
-
-def validate_config(c) -> None:
-  """Raises ValueError naming the first bad field of a `config.data` section."""
-
-  def bad(field, msg):
-    raise ValueError(f'config.data.{field}: {msg} (got {c.get(field)!r})')
-
-  if c.mode not in MODES:
-    bad('mode', f'must be one of {MODES}')
-  if not isinstance(c.batch_size, int) or c.batch_size <= 0:
-    bad('batch_size', 'must be a positive int (the GLOBAL batch size)')
-  if not isinstance(c.shuffle_buffer, int) or c.shuffle_buffer < 0:
-    bad('shuffle_buffer', 'must be an int >= 0')
-  if not isinstance(c.seed, int):
-    bad('seed', 'must be an int')
-  if not isinstance(c.target_length, int) or c.target_length <= 0:
-    bad('target_length', 'must be a positive int')
-  if c.num_mel_bins != schema.NUM_MEL_BINS:
-    bad('num_mel_bins', f'prepared data has {schema.NUM_MEL_BINS} bins')
-  if not float(c.norm_std) > 0:
-    bad('norm_std', 'must be > 0')
-  if not float(c.norm_std_factor) > 0:
-    bad('norm_std_factor', 'must be > 0')
-  if not isinstance(c.freqm, int) or not 0 <= c.freqm <= c.num_mel_bins:
-    bad('freqm', f'must be an int in [0, {c.num_mel_bins}]')
-  if not isinstance(c.timem, int) or not 0 <= c.timem <= c.target_length:
-    bad('timem', f'must be an int in [0, {c.target_length}]')
-  if not 0.0 <= float(c.mixup) <= 1.0:
-    bad('mixup', 'is a probability, must be in [0, 1]')
-  if not float(c.mixup_alpha) > 0:
-    bad('mixup_alpha', 'must be > 0')
-  if not 0.0 <= float(c.label_smooth) < 1.0:
-    bad('label_smooth', 'must be in [0, 1)')
-  if not isinstance(c.frame_use, int) or c.frame_use < -1:
-    bad('frame_use', 'must be -1 (frame 5) or a frame index >= 0')
-  if c.mode == 'mavil':
-    if not isinstance(c.num_frames, int) or c.num_frames <= 0:
-      bad('num_frames', 'must be a positive int in mavil mode')
-    if not float(c.mavil_fps) > 0:
-      bad('mavil_fps', 'must be > 0')
-    if c.eval_all_frames:
-      bad('eval_all_frames', 'is a CAV-MAE option; MAViL always takes num_frames')
-  elif c.num_frames != 1:
-    bad('num_frames', "must be 1 in cav_mae mode (use eval_all_frames for 10)")
-  if c.noise_rng not in ('hash', 'philox'):
-    bad('noise_rng', "must be 'hash' or 'philox'")
-  if c.dtype not in DTYPES:
-    bad('dtype', f'must be one of {tuple(DTYPES)}')
-  if not isinstance(c.prefetch, int) or c.prefetch < 0:
-    bad('prefetch', 'must be an int >= 0')
-  if not isinstance(c.num_parallel_calls, int) or (
-      c.num_parallel_calls <= 0 and c.num_parallel_calls != -1):
-    bad('num_parallel_calls', 'must be -1 (AUTOTUNE) or a positive int')
-  if c.balanced_sampling and not c.training:
-    bad('balanced_sampling', 'only applies when training')
-  if c.balanced_weights_file and not c.balanced_sampling:
-    bad('balanced_weights_file', 'is set but balanced_sampling is off')
-  if c.builder_dir and c.name:
-    bad('builder_dir', 'set either name (+ data_dir) or builder_dir, not both')
+MODES = data_config.MODES
+default_data_config = data_config.default_data_config
+validate_config = data_config.validate_config
 
 
 # ----------------------------------------------------------------------------- sources
@@ -218,26 +105,28 @@ class _TfdsSource:
         schema.FRAMES: tfds.decode.SkipDecoding(),
     }
 
-  def dataset(self, shuffle_seed=None) -> tf.data.Dataset:
-    """The shard's records, files in a seeded order if `shuffle_seed` (a tensor).
+  def records(self, shuffle_seed=None) -> tf.data.Dataset:
+    """The shard's serialized records, files in a seeded order if `shuffle_seed`.
 
     Reads the split's file instructions directly (rather than `as_dataset`) so that an
-    epoch's file order can be a graph function of the epoch, letting epochs chain
-    inside one tf.data pipeline with no restart between them.
+    epoch's file order can be a graph function of the epoch (a tensor seed), letting
+    epochs chain inside one tf.data pipeline with no restart between them. Records
+    stay serialized until after the shuffle and any restore skip, so skipping costs
+    only the read.
     """
     files = tf.data.Dataset.from_tensor_slices(self._files)
     if shuffle_seed is not None and self._num_files > 1:
       files = files.shuffle(self._num_files, seed=shuffle_seed,
                             reshuffle_each_iteration=False)
-    ds = files.interleave(
+    return files.interleave(
         lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take),
         cycle_length=min(16, max(self._num_files, 1)), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    features = self._features
-    decoders = self._decoders
-    ds = ds.map(lambda r: features.deserialize_example(r, decoders=decoders),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.map(_select_keys)
+
+  def parse(self, record):
+    """A serialized record -> schema dict, fbank and frames still encoded."""
+    return _select_keys(
+        self._features.deserialize_example(record, decoders=self._decoders))
 
   def decode_fbank(self, raw):
     return self._features[schema.FBANK].decode_example(raw)
@@ -260,9 +149,12 @@ class _DatasetSource:
     self._ds = dataset.shard(process_count, process_index).map(_select_keys)
     self.description = 'in-memory dataset'
 
-  def dataset(self, shuffle_seed=None) -> tf.data.Dataset:
+  def records(self, shuffle_seed=None) -> tf.data.Dataset:
     del shuffle_seed  # In-memory order is canonical; the shuffle buffer shuffles.
     return self._ds
+
+  def parse(self, element):
+    return element
 
   def decode_fbank(self, x):
     return x
@@ -307,7 +199,9 @@ def balanced_weights(labels: np.ndarray) -> np.ndarray:
 
 
 def _read_labels(source) -> np.ndarray:
-  ds = source.dataset(None).map(lambda e: tf.cast(e[schema.LABELS] > 0, tf.uint8))
+  ds = source.records(None).map(
+      lambda r: tf.cast(source.parse(r)[schema.LABELS] > 0, tf.uint8),
+      num_parallel_calls=tf.data.AUTOTUNE)
   chunks = [np.asarray(b) for b in ds.batch(4096).as_numpy_iterator()]
   return np.concatenate(chunks, axis=0)
 
@@ -346,6 +240,8 @@ class InputIterator:
                process_index: Optional[int] = None,
                process_count: Optional[int] = None):
     validate_config(config)
+    # A private copy: later edits to the caller's config must not change the stream.
+    config = copy.deepcopy(config)
     if process_index is None or process_count is None:
       import jax  # pylint: disable=import-outside-toplevel
       process_index = jax.process_index() if process_index is None else process_index
@@ -379,6 +275,7 @@ class InputIterator:
         self._weights = balanced_weights(_read_labels(self._source))
       if not np.all(np.isfinite(self._weights)) or self._weights.sum() <= 0:
         raise ValueError('balanced sampling weights must be finite with a positive sum')
+    self._graph = _Graph(c, process_index, self._plan, self._source, self._weights)
     self._epoch = 0
     self._step = 0
     self._it = None
@@ -439,6 +336,16 @@ class InputIterator:
     with tf.io.gfile.GFile(path, 'r') as f:
       self.set_state(json.loads(f.read()))
 
+  def close(self) -> None:
+    """Stops the background tf.data work now (it also stops when garbage-collected)."""
+    self._it = None
+
+  def __enter__(self) -> 'InputIterator':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
@@ -460,7 +367,25 @@ class InputIterator:
       self._step = 0
     return batch
 
-  # -- the tf.data graph
+  def dataset(self, epoch: int = 0, start_step: int = 0) -> tf.data.Dataset:
+    """The batches from (epoch, start_step) on, as a tf.data.Dataset."""
+    return self._graph.dataset(epoch, start_step)
+
+
+class _Graph:
+  """Builds the tf.data graph of an InputIterator.
+
+  Kept apart from InputIterator, without a reference back to it, so that the traced
+  tf.data functions (which close over this object) do not put the iterator in a
+  reference cycle: dropping the iterator then stops its background work at once.
+  """
+
+  def __init__(self, c, process_index, plan, source, weights):
+    self._c = c
+    self._pi = process_index
+    self._plan = plan
+    self._source = source
+    self._weights = weights
 
   def _seed(self, *data):
     """A stateless seed [2] for (config seed, host, *data)."""
@@ -488,11 +413,11 @@ class InputIterator:
                             dtype=tf.int64)
 
   def _epoch_examples(self, epoch):
-    """Raw (undecoded) examples of one training epoch, with their epoch and position."""
+    """Records (unparsed) of one training epoch, with their epoch and position."""
     c, plan = self._c, self._plan
     epoch = tf.cast(epoch, tf.int64)
     read_shuffled = c.shuffle_files and self._weights is None
-    ds = self._source.dataset(self._int_seed(epoch, 1) if read_shuffled else None)
+    ds = self._source.records(self._int_seed(epoch, 1) if read_shuffled else None)
     if self._weights is not None:
       counts = tf.data.Dataset.from_tensor_slices(self._draw_counts(epoch))
       ds = tf.data.Dataset.zip((ds, counts)).flat_map(
@@ -519,7 +444,7 @@ class InputIterator:
       later = tf.data.Dataset.range(epoch + 1, 2**62).flat_map(self._epoch_examples)
       ds = ds.concatenate(later)
     else:
-      ds = self._source.dataset(None).enumerate().skip(start)
+      ds = self._source.records(None).enumerate().skip(start)
       ds = ds.map(lambda pos, e: (tf.constant(0, tf.int64), pos, e))
     ds = ds.map(self._decode_fn(), num_parallel_calls=auto, deterministic=True)
     if not c.training:
@@ -542,7 +467,8 @@ class InputIterator:
     source = self._source
     size = c.frame_size
 
-    def decode(epoch, pos, e):
+    def decode(epoch, pos, record):
+      e = source.parse(record)
       seed = self._seed(epoch, 0, pos)
       fbank = source.decode_fbank(e[schema.FBANK])
       fbank = _crop_or_pad(fbank, c.target_length)
@@ -568,7 +494,13 @@ class InputIterator:
                                             dtype=tf.int32)
         else:
           idx = 5 if c.frame_use == -1 else c.frame_use
-          tf.debugging.assert_less(idx, n, message='config.data.frame_use out of range')
+          if frames.shape[0] is not None and idx >= frames.shape[0]:
+            raise ValueError(f'config.data.frame_use: frame {idx} is beyond the '
+                             f'{frames.shape[0]} stored frames')
+          check = tf.debugging.assert_less(
+              idx, n, message='config.data.frame_use is beyond the stored frames')
+          with tf.control_dependencies([check]):
+            frames = tf.identity(frames)
         out_frames = T.decode_one_frame(frames, idx, size)
       out = {
           'fbank': fbank,

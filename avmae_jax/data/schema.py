@@ -42,7 +42,7 @@ def tfds_features(num_classes: int, num_frames: int = CAV_MAE_NUM_FRAMES):
       CLIP_ID: tfds.features.Text(),
       LABELS: tfds.features.Tensor(shape=(num_classes,), dtype=np.uint8),
       FBANK: tfds.features.Tensor(
-          shape=(TARGET_FRAMES, NUM_MEL_BINS), dtype=np.float16, encoding="zlib"),
+          shape=(TARGET_FRAMES, NUM_MEL_BINS), dtype=np.float16, encoding="bytes"),
       FRAMES: tfds.features.Sequence(
           tfds.features.Image(shape=(FRAME_SIZE, FRAME_SIZE, 3), encoding_format="jpeg"),
           length=num_frames),

@@ -141,6 +141,10 @@ class CAVMAE(_Encoder):
   # The reference computes the contrastive path as `for blk in blocks_u: ca = blk(a, 'a')`,
   # so with several shared blocks only the last one counts; True chains them instead.
   chain_shared_blocks_in_contrast: bool = False
+  # 1: negatives from the whole (global) batch. G > 1: the reference's DataParallel setup
+  # on G GPUs, where each GPU contrasts its own B/G clips and the optimised loss is the SUM
+  # of the G per-GPU losses; the returned losses are then G x the per-group means.
+  contrastive_groups: int = 1
 
   def setup(self):
     self.setup_encoder()
@@ -239,11 +243,15 @@ class CAVMAE(_Encoder):
       out.update(loss_mae_a=zero, loss_mae_v=zero, loss_mae=zero)
     if self.contrast_loss_weight != 0 or self.is_initializing():
       nce, c_acc = losses.contrastive_loss(ca.mean(axis=1), cv.mean(axis=1),
-                                           self.contrast_temperature, self.bidirect_contrast)
+                                           self.contrast_temperature, self.bidirect_contrast,
+                                           self.contrastive_groups)
       out.update(nce=nce, c_acc=c_acc, loss_c=self.contrast_loss_weight * nce)
     else:
       out.update(nce=zero, c_acc=zero, loss_c=zero)
     out["loss"] = out["loss_mae"] + out["loss_c"]
+    if self.contrastive_groups > 1:  # per-GPU means, summed over the G "GPUs"
+      for key in ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "nce"):
+        out[key] = out[key] * self.contrastive_groups
     return out
 
   def forward_feat(self, audio: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:

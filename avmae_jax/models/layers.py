@@ -5,8 +5,10 @@ Parameter and submodule names mirror the reference PyTorch modules one to one
 is a mechanical rename plus transposes, with no per-key table.
 
 Every parameter carries logical axis names ("embed", "mlp", "heads", ...) and activations
-are constrained with ("batch", "length", "embed"); `avmae_jax.sharding` maps them onto a
-mesh with a short rule list. Without rules in scope the annotations are no-ops.
+are constrained with ("act_batch", "act_length", "act_embed") (separate names, so that a
+parameter's embed axis and an activation's can map to different mesh axes);
+`avmae_jax.sharding` maps both onto a mesh with a short rule list. Outside a mesh
+(`jax.set_mesh`) the annotations are no-ops.
 """
 
 from typing import Any, Callable, Optional
@@ -120,7 +122,7 @@ class Attention(nn.Module):
     qkv = dense(3 * d, ("embed", "qkv"), self.dtype, "qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-    q = constrain(q, ("batch", "length", "heads", "kv"))
+    q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5)
     out = out.reshape(b, n, d)
     return dense(d, ("heads_merged", "embed"), self.dtype, "proj")(out)
@@ -135,7 +137,7 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     h = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, "fc1")(x)
     h = nn.gelu(h, approximate=False)
-    h = constrain(h, ("batch", "length", "mlp"))
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     return dense(d, ("mlp", "embed"), self.dtype, "fc2")(h)
 
 
@@ -174,4 +176,4 @@ class Block(nn.Module):
     n1, n2 = norms[modality]
     x = x + self.attn(n1(x).astype(self.dtype))
     x = x + self.mlp(n2(x).astype(self.dtype))
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("act_batch", "act_length", "act_embed"))

@@ -60,24 +60,31 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def contrastive_loss(audio_rep: jax.Array, video_rep: jax.Array, temperature: float = 0.05,
-                     bidirectional: bool = False) -> tuple[jax.Array, jax.Array]:
+                     bidirectional: bool = False, groups: int = 1
+                     ) -> tuple[jax.Array, jax.Array]:
   """InfoNCE between paired clip vectors [B, D]; returns (nce, accuracy).
 
   Single direction (the reference's default) normalises over audios for each video
   (softmax over axis 0 of S = A V^T / temperature); bidirectional averages both ways.
+  `groups` > 1 splits the batch into that many consecutive chunks with their own
+  negatives, as the reference's DataParallel did per GPU; the result is the mean over
+  chunks (the caller decides whether to sum, see CAVMAE.contrastive_groups).
   """
-  a = l2_normalize(audio_rep.astype(jnp.float32))
-  v = l2_normalize(video_rep.astype(jnp.float32))
-  sim = a @ v.T / temperature
-  targets = jnp.arange(sim.shape[0])
+  b = audio_rep.shape[0]
+  if b % groups:
+    raise ValueError(f"batch {b} does not split into contrastive_groups={groups}")
+  a = l2_normalize(audio_rep.astype(jnp.float32)).reshape(groups, b // groups, -1)
+  v = l2_normalize(video_rep.astype(jnp.float32)).reshape(groups, b // groups, -1)
+  sim = jnp.einsum("gid,gjd->gij", a, v) / temperature
+  targets = jnp.arange(b // groups)
 
-  def one_way(s):
-    nce = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(s, axis=0)))
-    acc = jnp.mean((jnp.argmax(s, axis=0) == targets).astype(jnp.float32))
+  def one_way(s):  # s [G, n, n]; softmax over axis 1 = over audios for each video column
+    nce = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(s, axis=1), axis1=1, axis2=2))
+    acc = jnp.mean((jnp.argmax(s, axis=1) == targets).astype(jnp.float32))
     return nce, acc
 
   nce, acc = one_way(sim)
   if bidirectional:
-    nce_t, acc_t = one_way(sim.T)
+    nce_t, acc_t = one_way(jnp.swapaxes(sim, 1, 2))
     nce, acc = (nce + nce_t) / 2, (acc + acc_t) / 2
   return nce, acc

@@ -321,8 +321,10 @@ class ClipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @property
   def prepare_dir(self) -> str:
-    # Beside the version folders (TFDS ignores non-version names there).
-    return os.path.join(os.path.dirname(self.data_dir), PREPARE_DIR)
+    # Beside the version folders (TFDS ignores non-version names there). Built from the root,
+    # not from data_dir, which points into a temporary folder while generating.
+    return os.path.join(os.fspath(self.data_dir_root), self.name, self.builder_config.name,
+                        PREPARE_DIR)
 
   def _split_generators(self, dl_manager):
     failures_dir = os.path.join(self.prepare_dir, "failures")
