@@ -160,7 +160,7 @@ def bench_train(args) -> dict:
   peak = peak_flops(device.device_kind)
   achieved = per_sample * args.batch_size / step_s
   stats = device.memory_stats() or {}
-  return {
+  result = {
       "bench": "train", "config": args.config, "kind": trainer.kind,
       "dtype": jnp.dtype(trainer.module.dtype).name, "batch_size": args.batch_size,
       "mesh": dict(mesh.shape), "steps": args.steps, "step_ms": round(step_s * 1e3, 2),
@@ -171,6 +171,59 @@ def bench_train(args) -> dict:
       "loss": float(metrics["loss"]), "backend": jax.default_backend(),
       "device_kind": device.device_kind, "devices": mesh.size,
   }
+  if args.torch:
+    result.update(bench_torch_step(trainer.module, args.batch_size, args.steps))
+    result["speedup_vs_torch"] = round(result["samples_per_s"] /
+                                       result["torch_samples_per_s"], 3)
+  return result
+
+
+def bench_torch_step(module, batch_size: int, steps: int) -> dict:
+  """The PyTorch port's pretraining step on the same shapes: forward, backward, Adam.
+
+  Eager float32 on CPU; on a CUDA device, autocast to bfloat16 (the reference trained with
+  fp16 autocast, which needs a loss scaler; bf16 does not) for a fair mixed-precision match.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  from avmae_jax import torch_port  # pylint: disable=import-outside-toplevel
+  if models.kind_of(module) != "cav_mae":
+    raise SystemExit("--torch compares the pretraining step (model.kind='cav_mae')")
+  config = models.model_config(module)
+  fields = {k: config[k] for k in (
+      "img_size", "audio_length", "num_mel_bins", "patch_size", "in_chans", "embed_dim",
+      "modality_specific_depth", "shared_depth", "num_heads", "decoder_embed_dim",
+      "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_eps", "norm_pix_loss")}
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = torch_port.CAVMAE(**fields).to(device)
+  optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.95, 0.999),
+                               weight_decay=5e-7)
+  audio = torch.randn(batch_size, module.audio_length, module.num_mel_bins, device=device)
+  frames = torch.randn(batch_size, module.in_chans, module.img_size, module.img_size,
+                       device=device)
+  amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    with amp:
+      out = model(audio, frames, mask_ratio_a=module.mask_ratio_a,
+                  mask_ratio_v=module.mask_ratio_v, mae_loss_weight=module.mae_loss_weight,
+                  contrast_loss_weight=module.contrast_loss_weight)
+    out["loss"].backward()
+    optimizer.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  step()  # warm-up
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  return {"torch_step_ms": round(step_s * 1e3, 2),
+          "torch_samples_per_s": round(batch_size / step_s, 3),
+          "torch_mode": "bf16 autocast" if device == "cuda" else "eager fp32",
+          "torch_threads": torch.get_num_threads()}
 
 
 def bench_aot(args) -> dict:
@@ -223,6 +276,8 @@ def main(argv=None):
     p.add_argument("--remat", type=lambda v: v.lower() in ("1", "true"), default=None)
     if name == "train":
       p.add_argument("--steps", type=int, default=5)
+      p.add_argument("--torch", action="store_true",
+                     help="also time the PyTorch port's step and report the ratio")
     else:
       p.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5e:8x8, v5p:2x2x2")
   sub.add_parser("data", help="prepare and input-pipeline throughput", add_help=False)
@@ -248,6 +303,10 @@ def main(argv=None):
           f"{result['samples_per_s']:.2f} samples/s, {result['achieved_tflops']:.3f} TFLOP/s"
           + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
           + f" (compile {result['compile_s']:.1f} s)")
+    if "torch_step_ms" in result:
+      print(f"PyTorch port ({result['torch_mode']}): {result['torch_step_ms']:.1f} ms/step, "
+            f"{result['torch_samples_per_s']:.2f} samples/s; JAX / PyTorch = "
+            f"{result['speedup_vs_torch']:.2f}x")
   print(json.dumps(result))
   return 0
 

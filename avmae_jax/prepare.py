@@ -8,7 +8,10 @@ A thin argparse layer over the TFDS builders in avmae_jax/data/builders. Example
   python -m avmae_jax.prepare datafile --json train=train.json --json test=eval.json \
       --label_csv class_labels_indices.csv --data_dir out
   python -m avmae_jax.prepare audioset --manual_dir as/ --data_dir out --beam \
-      --beam_options=--runner=DirectRunner,--direct_num_workers=8
+      --beam_options=--direct_running_mode=multi_processing,--direct_num_workers=8
+
+(DirectRunner, the default runner, uses one worker in its default in_memory mode whatever
+--direct_num_workers says: decoding is CPU-bound, hence multi_processing.)
 
 Bad clips are skipped and listed in `<dataset>/<config>/<version>/failures.jsonl`; the exit
 status is 1 if any clip failed (0 with --allow_failures). Re-running resumes: per-clip features
@@ -67,7 +70,7 @@ def make_builder(args):
   if args.dataset == "synthetic":
     config = builders.synthetic_config(args.num_train, args.num_test, args.seed,
                                        args.num_classes, num_frames)
-    return builders.AvmaeSynthetic(data_dir=args.data_dir, config=config,
+    return builders.AvmaeSynthetic(data_dir=args.data_dir, config=config, beam=args.beam,
                                    num_workers=args.workers, progress=progress)
   config = next(c for c in common.CLIP_CONFIGS if c.name == args.frames)
   if args.downmix:
@@ -93,7 +96,7 @@ def make_builder(args):
   if not args.manual_dir:
     raise SystemExit(f"{args.dataset}: give --manual_dir")
   cls = builders.AvmaeAudioset if args.dataset == "audioset" else builders.AvmaeVggsound
-  return cls(**kwargs)
+  return cls(manual_dir=args.manual_dir, **kwargs)
 
 
 def main(argv=None) -> int:

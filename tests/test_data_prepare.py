@@ -165,6 +165,49 @@ def test_datafile_matches_videos(clips, tmp_path, capsys):
     np.testing.assert_allclose(ex["frame_times"], ref["frame_times"], atol=0.2)
 
 
+def test_beam_matches_local(clips, tmp_path, monkeypatch, capsys):
+  pytest.importorskip("apache_beam")
+  from avmae_jax.data.builders import common  # pylint: disable=import-outside-toplevel
+  root, paths = clips
+  chosen = [paths["h264_aac.mp4"], paths["short3s.mp4"], root / "corrupt.mp4"]
+  manifest = tmp_path / "m.csv"
+  manifest.write_text("path,labels\n" + "".join(f"{p},{i % 2}\n" for i, p in enumerate(chosen)))
+
+  def run(name, *extra):
+    args = ["videos", "--manifest", str(manifest), "--data_dir", str(tmp_path / name),
+            "--no_progress", *extra]
+    status = prepare.main(args)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    _, examples = _read_all(summary["dataset_dir"])
+    return status, examples, builder_failures(summary)
+
+  local_status, local, local_failures = run("local")
+  # Beam must do the work: the in-process loop is not allowed to run.
+  def no_local(*a, **k):
+    raise AssertionError("the local loop ran instead of Beam")
+  monkeypatch.setattr(common.ClipBuilder, "_generate_locally", no_local)
+  beam_args = ("--beam", "--beam_options=--runner=DirectRunner")
+  beam_status, beamed, beam_failures = run("beam", *beam_args)
+  assert local_status == beam_status == 1
+  assert set(beamed) == set(local) == {"h264_aac", "short3s"}
+  for cid, ex in beamed.items():
+    for name in ("fbank", "frames", "frame_times", "labels", "path"):
+      np.testing.assert_array_equal(ex[name], local[cid][name], err_msg=f"{cid} {name}")
+  for failures in (local_failures, beam_failures):
+    assert [Path(f["path"]).name for f in failures] == ["corrupt.mp4"]
+  assert beam_failures[0]["reason"] == local_failures[0]["reason"]
+
+  # A Beam re-run resumes from the per-clip cache: the good clips are not decoded again.
+  def no_decoding(*a, **k):
+    raise AssertionError(f"decoded again: {a}")
+  monkeypatch.setattr(clip, "extract_clip", no_decoding)
+  status, again, failures = run("beam", *beam_args, "--regenerate")
+  assert status == 1 and [Path(f["path"]).name for f in failures] == ["corrupt.mp4"]
+  assert set(again) == set(local)
+  for cid, ex in again.items():
+    np.testing.assert_array_equal(ex["fbank"], local[cid]["fbank"])
+
+
 def test_frame_positions_follow_reference_formula(tmp_path):
   # Frame k of a 6 fps, 10 s video has grey level 4k, so a stored frame tells its index.
   path = tmp_path / "ramp.mp4"

@@ -60,3 +60,31 @@ def test_prepare_synthetic(tmp_path, capsys):
   assert ex["fbank"].dtype == np.float16 and ex["frame_times"].shape == (20,)
   ref = synthetic.make_example(0, "test", int(ex["clip_id"].decode().split("_")[1]), 4, 20)
   np.testing.assert_array_equal(ex["fbank"], ref["fbank"])
+
+
+def test_prepare_synthetic_beam(tmp_path, monkeypatch, capsys):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("apache_beam")
+  from avmae_jax.data import builders  # pylint: disable=import-outside-toplevel
+
+  # Beam must do the work: the in-process loop is not allowed to run.
+  def no_local(*a, **k):
+    raise AssertionError("the local loop ran instead of Beam")
+  monkeypatch.setattr(builders.AvmaeSynthetic, "_generate_locally", no_local)
+  assert prepare.main(["synthetic", "--data_dir", str(tmp_path), "--num_train", "3",
+                       "--num_test", "2", "--num_classes", "4", "--no_progress", "--beam",
+                       "--beam_options=--runner=DirectRunner"]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["examples"] == {"train": 3, "test": 2}
+  builder = tfds.builder_from_directory(summary["dataset_dir"])
+  for split, num in summary["examples"].items():
+    examples = {ex["clip_id"].decode(): ex
+                for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+    assert len(examples) == num
+    for cid, ex in examples.items():
+      ref = synthetic.make_example(0, split, int(cid.split("_")[1]), 4, 10)
+      assert cid == ref["clip_id"]
+      np.testing.assert_array_equal(ex["fbank"], ref["fbank"])
+      np.testing.assert_array_equal(ex["labels"], ref["labels"])
+      np.testing.assert_array_equal(ex["frame_times"], ref["frame_times"])
+      assert ex["frames"].shape == (10, 224, 224, 3)

@@ -71,14 +71,8 @@ class _Encoder(nn.Module):
     token = nn.with_logical_partitioning(layers.token_init(), (None, None, "embed"))
     self.modality_a = self.param("modality_a", token, (1, 1, d))
     self.modality_v = self.param("modality_v", token, (1, 1, d))
-    self.pos_embed_a = self.param(
-        "pos_embed_a", nn.with_logical_partitioning(
-            layers.sincos_init(*self.audio_grid), (None, "length", "embed")),
-        (1, self.num_audio_tokens, d))
-    self.pos_embed_v = self.param(
-        "pos_embed_v", nn.with_logical_partitioning(
-            layers.sincos_init(*self.video_grid), (None, "length", "embed")),
-        (1, self.num_video_tokens, d))
+    self.pos_embed_a = self.sincos_table("pos_embed_a", self.audio_grid, d, "embed")
+    self.pos_embed_v = self.sincos_table("pos_embed_v", self.video_grid, d, "embed")
     n = self.modality_specific_depth
     self.blocks_a = [self._block(d, self.num_heads, f"blocks_a_{i}") for i in range(n)]
     self.blocks_v = [self._block(d, self.num_heads, f"blocks_v_{i}") for i in range(n)]
@@ -87,6 +81,11 @@ class _Encoder(nn.Module):
     self.norm_a = layers.layer_norm("norm_a", self.norm_eps)
     self.norm_v = layers.layer_norm("norm_v", self.norm_eps)
     self.norm = layers.layer_norm("norm", self.norm_eps)
+
+  def sincos_table(self, name: str, grid: tuple[int, int], width: int, axis: str):
+    """A [1, rows*cols, width] position-table parameter initialised to the 2-D sin-cos."""
+    init = nn.with_logical_partitioning(layers.sincos_init(*grid), (None, "length", axis))
+    return self.param(name, init, (1, grid[0] * grid[1], width))
 
   def _pos(self, table: jax.Array) -> jax.Array:
     return table if self.trainable_pos_embed else jax.lax.stop_gradient(table)
@@ -155,14 +154,10 @@ class CAVMAE(_Encoder):
     self.mask_token = self.param("mask_token", token, (1, 1, dd))
     self.decoder_modality_a = self.param("decoder_modality_a", token, (1, 1, dd))
     self.decoder_modality_v = self.param("decoder_modality_v", token, (1, 1, dd))
-    self.decoder_pos_embed_a = self.param(
-        "decoder_pos_embed_a", nn.with_logical_partitioning(
-            layers.sincos_init(*self.audio_grid), (None, "length", "decoder_embed")),
-        (1, self.num_audio_tokens, dd))
-    self.decoder_pos_embed_v = self.param(
-        "decoder_pos_embed_v", nn.with_logical_partitioning(
-            layers.sincos_init(*self.video_grid), (None, "length", "decoder_embed")),
-        (1, self.num_video_tokens, dd))
+    self.decoder_pos_embed_a = self.sincos_table("decoder_pos_embed_a", self.audio_grid, dd,
+                                                 "decoder_embed")
+    self.decoder_pos_embed_v = self.sincos_table("decoder_pos_embed_v", self.video_grid, dd,
+                                                 "decoder_embed")
     self.decoder_blocks = [self._block(dd, self.decoder_num_heads, f"decoder_blocks_{i}")
                            for i in range(self.decoder_depth)]
     self.decoder_norm = layers.layer_norm("decoder_norm", self.norm_eps)

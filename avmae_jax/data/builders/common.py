@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import traceback
+import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -144,7 +145,9 @@ def _cache_name(item: Item, config: ClipConfig) -> str:
 
 
 def _write_atomic(path: str, data: bytes):
-  tmp = path + ".tmp"
+  # A unique temporary name: Beam runners may run the same item twice at once (retries,
+  # speculative execution), and two writers must not share one partial file.
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
   with tf.io.gfile.GFile(tmp, "wb") as f:
     f.write(data)
   tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -1,7 +1,8 @@
 """TFDS builder of the synthetic audio-visual dataset (scenes from `avmae_jax.data.synthetic`).
 
 Size, seed, class count and frames per clip are config fields; `num_workers` > 1 renders in
-local worker processes. Examples follow schema.py like every other builder.
+local worker processes, `beam=True` in an Apache Beam pipeline. Examples follow schema.py like
+every other builder.
 """
 
 import dataclasses
@@ -32,6 +33,12 @@ def synthetic_config(num_train: int = 512, num_test: int = 128, seed: int = 0,
       seed=seed, num_classes=num_classes, num_frames=num_frames, seconds=seconds)
 
 
+def _keyed_example(job: tuple) -> tuple[str, dict]:
+  # Module-level so that Beam workers can unpickle it; the key matches the local path's.
+  index, example = synthetic.make_indexed_example(job)
+  return f"{index:06d}", example
+
+
 class AvmaeSynthetic(tfds.core.GeneratorBasedBuilder):
   """Synthetic scenes: each class is a shape/colour/motion with a matching, synchronised sound."""
 
@@ -44,7 +51,9 @@ class AvmaeSynthetic(tfds.core.GeneratorBasedBuilder):
                       num_frames=20),
   ]
 
-  def __init__(self, *, num_workers: int = 1, progress: bool = True, **kwargs):
+  def __init__(self, *, beam: bool = False, num_workers: int = 1, progress: bool = True,
+               **kwargs):
+    self._beam = beam
     self._num_workers = max(1, int(num_workers))
     self._progress = progress
     super().__init__(**kwargs)
@@ -65,10 +74,17 @@ class AvmaeSynthetic(tfds.core.GeneratorBasedBuilder):
             "test": self._generate_examples("test", cfg.num_test)}
 
   def _generate_examples(self, split, num):
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     cfg = self.builder_config
     jobs = [(cfg.seed, split, i, cfg.num_classes, cfg.num_frames, cfg.seconds)
             for i in range(num)]
+    if self._beam:
+      beam = tfds.core.lazy_imports.apache_beam
+      return (f"Create{split}" >> beam.Create(jobs)
+              | f"Render{split}" >> beam.Map(_keyed_example))
+    return self._generate_locally(jobs, split, num)
+
+  def _generate_locally(self, jobs, split, num):
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     workers = self._num_workers if num > 16 else 1
     results = common.parallel_map(synthetic.make_indexed_example, jobs, workers)
     for index, example in tqdm(results, total=num, desc=f"{self.name}/{split}", unit="clip",
