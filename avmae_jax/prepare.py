@@ -1,4 +1,4 @@
-"""Command line for preparing datasets: `python -m avmae_jax.prepare <dataset> [options]`.
+r"""Command line for preparing datasets: `python -m avmae_jax.prepare <dataset> [options]`.
 
 A thin argparse layer over the TFDS builders in avmae_jax/data/builders. Examples:
 
