@@ -82,8 +82,40 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
+class _PatchProjection(nn.Module):
+  """A stride-p, p x p convolution computed as a matmul on flattened patches.
+
+  Same parameters as a Conv (`kernel` [p, p, C, D], `bias` [D]) and the same result, since
+  the patches do not overlap. The matmul form matters on TPU: the weight gradient of the
+  strided convolution took XLA 214 s to compile (v5e), the matmul 0.5 s.
+  """
+  features: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p, c = self.patch_size, x.shape[-1]
+    # The reference initialises the conv like a Linear on its [out, in*p*p] view; xavier
+    # on the [p, p, in, out] kernel with in_axis=(0,1,2) is that same fan-in/out.
+    kernel_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(
+            kernel_init, ("patch_h", "patch_w", "channels", "embed")),
+        (p, p, c, self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(zeros, ("embed",)),
+                      (self.features,), jnp.float32)
+    b, height, width, _ = x.shape
+    h, w = height // p, width // p
+    # [B, H, W, C] -> [B, h*w, p*p*C] with inner order (row in patch, column, channel),
+    # the order of the kernel's first three axes.
+    patches = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, -1)
+    out = patches.astype(self.dtype) @ kernel.reshape(-1, self.features).astype(self.dtype)
+    return out + bias.astype(self.dtype)
+
+
 class PatchEmbed(nn.Module):
-  """Non-overlapping patches -> tokens, a strided Conv named `proj` like the reference.
+  """Non-overlapping patches -> tokens, parameters under `proj` like the reference's Conv.
 
   Input NHWC [B, H, W, C]; output [B, (H/p)*(W/p), D] in row-major (H, W) order.
   """
@@ -93,18 +125,7 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    p = self.patch_size
-    # The reference initialises the conv like a Linear on its [out, in*p*p] view; Flax's
-    # xavier on a [p, p, in, out] kernel with in_axis=(0,1,2) is that same fan-in/out.
-    kernel_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
-    x = nn.Conv(
-        self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-        param_dtype=jnp.float32, name="proj",
-        kernel_init=nn.with_logical_partitioning(
-            kernel_init, ("patch_h", "patch_w", "channels", "embed")),
-        bias_init=nn.with_logical_partitioning(zeros, ("embed",)))(x)
-    b, h, w, d = x.shape
-    return x.reshape(b, h * w, d)
+    return _PatchProjection(self.embed_dim, self.patch_size, self.dtype, name="proj")(x)
 
 
 class Attention(nn.Module):
