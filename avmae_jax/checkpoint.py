@@ -36,9 +36,14 @@ def save_model(directory: str, model_config: dict[str, Any], params: Any,
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
   checkpointer.wait_until_finished()
+  write_model_config(directory, model_config)
+  return directory
+
+
+def write_model_config(directory: str, model_config: dict[str, Any]) -> None:
+  """Writes DIR/model.json, the record of which model a directory's parameters belong to."""
   with open(os.path.join(directory, MODEL_JSON), "w") as f:
     json.dump({"format": FORMAT, "model": model_config}, f, indent=2, default=_json_default)
-  return directory
 
 
 def is_model_dir(path: str) -> bool:

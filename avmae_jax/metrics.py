@@ -8,12 +8,6 @@ for each audio query, video->audio the reverse; the rank of the true pair decide
 import numpy as np
 
 
-def pooled_embeddings(tokens: np.ndarray) -> np.ndarray:
-  """[N, L, D] token sequences -> [N, D] l2-normalised mean-pooled vectors."""
-  pooled = np.asarray(tokens, np.float64).mean(axis=1)
-  return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-
-
 def ranks_of_true_pairs(similarity: np.ndarray) -> np.ndarray:
   """0-based rank of item i in row i: how many candidates score strictly higher."""
   similarity = np.asarray(similarity)

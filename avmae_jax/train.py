@@ -7,11 +7,9 @@ r"""Training: one script for CAV-MAE pretraining on one CPU or a TPU pod.
 Sections below: distributed runtime and mesh; input; model, optimizer and sharded state;
 checkpoint (restore or init); the loop (update, metrics, checkpoints, preemption,
 evaluation). The workdir holds checkpoints/ (orbax: train state + input-iterator state),
-metrics.jsonl, tensorboard/ and model.json (so `avmae_jax.load(workdir)` opens the latest
-parameters).
+metrics.jsonl, tensorboard/ and model.json (the model config of the run).
 """
 
-import json
 import math
 import os
 import signal
@@ -164,9 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
   writer = summary.MetricWriter(workdir, config.get("tensorboard", True))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, model_checkpoint.MODEL_JSON), "w") as f:
-      json.dump({"format": model_checkpoint.FORMAT,
-                 "model": models.model_config(trainer.module)}, f, indent=2)
+    model_checkpoint.write_model_config(workdir, models.model_config(trainer.module))
 
   # -- Checkpoint: resume from the latest, else init (optionally from given weights) --------
   with jax.set_mesh(mesh):

@@ -72,9 +72,6 @@ class Trainer:
     keys = ("audio", "frames", "labels") if self.kind == "cav_mae_ft" else ("audio", "frames")
     return {k: batch[k] for k in keys}
 
-  def lr(self, step: int) -> float:
-    return float(self.schedule(step))
-
 
 def _model_losses(module, params, batch, key):
   """(loss, metrics) of one batch: the pretraining losses, or fine-tuning BCE/CE."""
@@ -165,12 +162,6 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                         out_shardings=metric_sharding))
 
 
-def place_params(trainer: Trainer, state: TrainState, params: Any) -> TrainState:
-  """Replaces the parameters (e.g. from an imported checkpoint), placed on the mesh."""
-  params = jax.device_put(params, trainer.state_shardings.params)
-  return state.replace(params=params)
-
-
 def global_batch(trainer: Trainer, host_batch: Mapping[str, np.ndarray]) -> dict:
   """This host's numpy share of the batch -> global arrays on the mesh."""
   return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, np.asarray(v))
@@ -191,4 +182,4 @@ def init_from(trainer: Trainer, state: TrainState, path: Optional[str]) -> Train
     sd = interop.read_pth(path)
   params, _ = interop.torch_to_flax(sd, trainer.abstract_state.params, strict=True,
                                     source=path)
-  return place_params(trainer, state, params)
+  return state.replace(params=jax.device_put(params, trainer.state_shardings.params))

@@ -614,18 +614,7 @@ def create_iterator(config, dataset: Optional[tf.data.Dataset] = None, *,
                        process_count=process_count)
 
 
-def to_global_arrays(batch: Mapping[str, np.ndarray], sharding):
-  """Puts a host batch on devices as global arrays (drops non-numeric clip_id)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in batch.items() if k != 'clip_id'}
-
-
-def state_to_json(state: Mapping[str, Any]) -> str:
-  return json.dumps(dict(state), sort_keys=True)
-
-
 __all__ = [
     'InputIterator', 'balanced_weights', 'create_iterator', 'default_data_config',
-    'state_to_json', 'to_global_arrays', 'validate_config',
+    'validate_config',
 ]
