@@ -2,11 +2,14 @@
 
     model = avmae_jax.load("cav-mae-scale++.pth")      # or a model checkpoint directory
     feats = model.features(audio, frames)               # {"audio": [B,512,768], "video": [B,196,768]}
+    pooled = model.features(audio, frames, pooled=True) # {"audio": [B,768], "video": [B,768]}
     logits = model.classify(audio, frames, mode="audioonly")   # fine-tuned models
     model.save_torch("out.pth")                         # loads strict=True in the reference
 
-audio is [B, 1024, 128] normalised log-mel, frames [B, 224, 224, 3] normalised RGB (NHWC);
-numpy in, numpy out.
+CAV-MAE: audio is [B, 1024, 128] normalised log-mel, frames [B, 224, 224, 3] normalised RGB
+(NHWC). MAViL: audio [B, 1024, 128], frames [B, 8, 224, 224, 3] (a clip of 8 frames);
+features are each modality's ViT outputs ({"audio": [B, 512, 768], "video": [B, 784, 768]}).
+`example_inputs(model.module, B)` gives the shapes of any model. numpy in, numpy out.
 """
 
 import dataclasses
@@ -22,6 +25,9 @@ import numpy as np
 from avmae_jax import checkpoint
 from avmae_jax import interop
 from avmae_jax import models
+
+# Model kinds with classification heads (what `classify` and the evaluation need).
+FINETUNED_KINDS = ("cav_mae_ft", "mavil_ft")
 
 
 @dataclasses.dataclass
@@ -40,13 +46,17 @@ class LoadedModel:
 
   @functools.cached_property
   def _features_fn(self):
-    return jax.jit(lambda p, a, v: self.module.apply(
-        {"params": p}, a, v, method=self.module.forward_feat))
+    def fn(p, a, v, pooled):
+      a, v = self.module.apply({"params": p}, a, v, method=self.module.forward_feat)
+      # Pool on the device: only [B, D] crosses to the host for retrieval.
+      return (a.mean(axis=1), v.mean(axis=1)) if pooled else (a, v)
+    return jax.jit(fn, static_argnums=3)
 
-  def features(self, audio, frames) -> dict[str, np.ndarray]:
-    """forward_feat token sequences: {"audio": [B, La, D], "video": [B, Lv, D]}."""
+  def features(self, audio, frames, pooled: bool = False) -> dict[str, np.ndarray]:
+    """forward_feat token sequences {"audio": [B, La, D], "video": [B, Lv, D]}, or with
+    pooled=True their means over tokens, [B, D] each (the retrieval representation)."""
     a, v = self._features_fn(self.params, jnp.asarray(audio, jnp.float32),
-                             jnp.asarray(frames, jnp.float32))
+                             jnp.asarray(frames, jnp.float32), bool(pooled))
     return {"audio": np.asarray(a), "video": np.asarray(v)}
 
   @functools.cached_property
@@ -54,10 +64,16 @@ class LoadedModel:
     return jax.jit(lambda p, a, v, mode: self.module.apply({"params": p}, a, v, mode),
                    static_argnums=3)
 
-  def classify(self, audio, frames, mode: str = "multimodal") -> np.ndarray:
-    """Logits [B, num_classes] of a fine-tuned model; pass None for an unused modality."""
-    if self.kind != "cav_mae_ft":
-      raise TypeError(f"classify needs a fine-tuned model (cav_mae_ft); this is {self.kind}")
+  def classify(self, audio, frames, mode: Optional[str] = None) -> np.ndarray:
+    """Logits [B, num_classes] of a fine-tuned model; pass None for an unused modality.
+
+    mode: default "multimodal" (for MAViL with unimodal heads only, "audioonly").
+    """
+    if self.kind not in FINETUNED_KINDS:
+      raise TypeError(f"classify needs a fine-tuned model ({' or '.join(FINETUNED_KINDS)}); "
+                      f"this is {self.kind}")
+    if mode is None:
+      mode = self.module.modes()[0] if hasattr(self.module, "modes") else "multimodal"
     a = None if audio is None else jnp.asarray(audio, jnp.float32)
     v = None if frames is None else jnp.asarray(frames, jnp.float32)
     return np.asarray(self._classify_fn(self.params, a, v, mode))
@@ -74,7 +90,10 @@ class LoadedModel:
 
 
 def example_inputs(module: nn.Module, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, ...]:
-  """Shapes of (audio, frames) that `module` takes."""
+  """Shapes of (audio, frames) that `module` takes: frames [B, H, W, C] for CAV-MAE,
+  [B, N, H, W, C] (a clip) for MAViL, whose modules say so themselves (`input_shapes`)."""
+  if hasattr(module, "input_shapes"):
+    return tuple(module.input_shapes(batch))
   audio = jax.ShapeDtypeStruct((batch, module.audio_length, module.num_mel_bins), jnp.float32)
   frames = jax.ShapeDtypeStruct(
       (batch, module.img_size, module.img_size, module.in_chans), jnp.float32)
@@ -109,9 +128,11 @@ def from_state_dict(state_dict: dict[str, np.ndarray], source: str = "state dict
   return LoadedModel(module, jax.tree.map(jnp.asarray, params))
 
 
-def load(path: str, **overrides) -> LoadedModel:
-  """Loads an avmae_jax model checkpoint directory or a reference PyTorch `.pth`.
+def load(path: str, step: Optional[int] = None, **overrides) -> LoadedModel:
+  """Loads a model directory, a training workdir or a reference PyTorch `.pth`.
 
+  A training workdir (`python -m avmae_jax.train --workdir DIR`) gives the parameters of
+  its latest checkpoint, or of `step`.
   overrides: model config fields to set, e.g. num_heads (which a `.pth` cannot tell) or
   dtype="bfloat16".
   """
@@ -120,8 +141,10 @@ def load(path: str, **overrides) -> LoadedModel:
     config = checkpoint.read_model_config(path)
     config.update(overrides)
     module = models.build(config)
-    params = checkpoint.load_params(path, abstract_params(module))
+    params = checkpoint.load_params(path, abstract_params(module), step=step)
     return LoadedModel(module, params)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory")
+  if step is not None:
+    raise ValueError(f"{path}: step={step} applies to training workdirs, not files")
   return from_state_dict(interop.read_pth(path), source=path, **overrides)

@@ -13,6 +13,11 @@ r"""Benchmarks that print measured figures; the last line of each is one JSON ob
   python -m avmae_jax.bench data ...
       prepare and input-pipeline throughput (see avmae_jax/data/benchmark.py).
 
+Every model kind works, MAViL included (configs/mavil_pretrain.py, stage=1 or 2). A MAViL
+stage-2 step includes the frozen teacher's forward pass; with config.teacher empty a
+random teacher of the student's architecture stands in (timings do not depend on the
+values), else `bench train` loads config.teacher.
+
 Timings exclude compilation (reported separately as compile_s) and are the median of
 --steps runs after one warm-up.
 """
@@ -34,6 +39,7 @@ from avmae_jax import models
 from avmae_jax import sharding
 from avmae_jax import trainer as trainer_lib
 from avmae_jax.models import flops as flops_lib
+from avmae_jax.models import mavil
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by a substring
 # of jax's device_kind. MFU is reported against these; null for anything not listed.
@@ -51,11 +57,17 @@ def peak_flops(device_kind: str):
   return None
 
 
-def _loss_fn(module, mode):
-  if models.kind_of(module) == "cav_mae":
+def _loss_fn(module, mode, teacher=None):
+  """The loss of one batch; `teacher` (MAViL stage 2) makes the targets inside it, from
+  the teacher's parameters (labels holds them there: no gradient flows to them)."""
+  if models.kind_of(module) in ("cav_mae", "mavil"):
     def loss(params, audio, frames, labels, key):
-      del labels
-      return module.apply({"params": params}, audio, frames, rngs={"masking": key})["loss"]
+      targets = None
+      if teacher is not None:
+        targets = mavil.compute_teacher_targets(teacher, labels, audio, frames)
+      return module.apply({"params": params}, audio, frames,
+                          **({"teacher_targets": targets} if targets is not None else {}),
+                          rngs={"masking": key})["loss"]
   else:
     def loss(params, audio, frames, labels, key):
       del key
@@ -71,15 +83,21 @@ def bench_model(args) -> dict:
     model_config["dtype"] = args.dtype
   module = models.build(model_config)
   mode = config.get("mode", "multimodal")
+  if models.kind_of(module) == "mavil_ft" and mode not in module.modes():
+    mode = module.modes()[0]
   b = args.batch_size
   rng = np.random.default_rng(0)
-  audio = jnp.asarray(rng.standard_normal((b, module.audio_length, module.num_mel_bins)),
-                      jnp.float32)
-  frames = jnp.asarray(rng.standard_normal((b, module.img_size, module.img_size,
-                                            module.in_chans)), jnp.float32)
+  audio, frames = (jnp.asarray(rng.standard_normal(s.shape), jnp.float32)
+                   for s in api.example_inputs(module, b))
   labels = jnp.zeros((b, getattr(module, "num_classes", 1)), jnp.float32)
   params = api.init_params(module, seed=0)
-  step = jax.jit(jax.value_and_grad(_loss_fn(module, mode)))
+  teacher = None
+  if _is_stage2(module):
+    # The teacher's forward pass is part of the step; its values do not matter for timing,
+    # so a random teacher of the student's architecture stands in (passed as `labels`).
+    teacher = module.clone(stage=1)
+    labels = api.init_params(teacher, seed=1)
+  step = jax.jit(jax.value_and_grad(_loss_fn(module, mode, teacher)))
   key = jax.random.key(0)
 
   start = time.perf_counter()
@@ -108,6 +126,23 @@ def bench_model(args) -> dict:
       "peak_bytes": memory.get("peak_bytes_in_use"), "backend": jax.default_backend(),
       "device_kind": device.device_kind, "devices": jax.device_count(),
   }
+
+
+def _is_stage2(module) -> bool:
+  return models.kind_of(module) == "mavil" and module.stage == 2
+
+
+def _teacher_args(trainer, config, abstract: bool = False) -> tuple:
+  """The extra train-step argument of MAViL stage 2: the teacher's parameters, loaded
+  from config.teacher, or random ones of the student's architecture when it is empty
+  (timings do not depend on the values), or (abstract) their shapes and shardings."""
+  if trainer.teacher is None:
+    return ()
+  if abstract:
+    return (trainer.teacher_spec(),)
+  if config.get("teacher"):
+    return (trainer.load_teacher(),)
+  return (trainer.init_teacher(seed=1),)
 
 
 def _training_config(args):
@@ -140,18 +175,19 @@ def bench_train(args) -> dict:
   rng = np.random.default_rng(0)
   with jax.set_mesh(mesh):
     state = trainer.init()
+    teacher = _teacher_args(trainer, config)
     specs = trainer.batch_spec(args.batch_size)
     batch = {k: jax.device_put(rng.standard_normal(v.shape).astype(v.dtype), v.sharding)
              for k, v in specs.items()}
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch).compile()
+    compiled = trainer.train_step.lower(state, batch, *teacher).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, batch)  # warm-up
+    state, metrics = compiled(state, batch, *teacher)  # warm-up
     jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
       start = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, *teacher)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
@@ -242,8 +278,9 @@ def bench_aot(args) -> dict:
       trainer.abstract_state, trainer.state_shardings)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = trainer.train_step.lower(abstract_state,
-                                        trainer.batch_spec(args.batch_size)).compile()
+    compiled = trainer.train_step.lower(abstract_state, trainer.batch_spec(args.batch_size),
+                                        *_teacher_args(trainer, config, abstract=True)
+                                        ).compile()
   compile_s = time.perf_counter() - start
   n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
   hosts = len({d.process_index for d in devices})

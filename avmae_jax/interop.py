@@ -4,13 +4,15 @@ Flax names mirror the reference modules (layers.py), so the mapping is mechanica
   module `blocks_a_3`       <-> `blocks_a.3`   (a trailing _<int> is a list index)
   Dense `kernel` [in, out]  <-> `weight` [out, in]
   Conv `kernel` [kh,kw,I,O] <-> `weight` [O, I, kh, kw]
+  Conv3d `kernel` [kt,kh,kw,I,O] <-> `weight` [O, I, kt, kh, kw]   (MAViL's video tubelets)
   LayerNorm `scale`         <-> `weight`
 Everything else keeps its name and shape. Conversion is numpy-only; torch is imported
 only to read or write `.pth` files.
 
-Also here: reading a `.pth` robustly (`module.` prefix, nested "model"/"state_dict"),
-inferring the architecture from a state dict, and the reference's ImageNet-MAE ViT-B ->
-CAV-MAE initialisation mapping (cav-mae spec section 6).
+This covers CAV-MAE and MAViL alike (MAViL's key layout: `avmae_jax.torch_port`, MAViL
+section). Also here: reading a `.pth` robustly (`module.` prefix, nested "model"/"state_dict"),
+inferring the architecture (CAV-MAE or MAViL) from a state dict, and the reference's
+ImageNet-MAE ViT-B -> CAV-MAE initialisation mapping (cav-mae spec section 6).
 """
 
 import os
@@ -51,6 +53,8 @@ def _to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
     return value.T
   if leaf == "kernel" and value.ndim == 4:
     return value.transpose(3, 2, 0, 1)
+  if leaf == "kernel" and value.ndim == 5:
+    return value.transpose(4, 3, 0, 1, 2)
   return value
 
 
@@ -59,11 +63,22 @@ def _to_flax_layout(value: np.ndarray, leaf: str) -> np.ndarray:
     return value.T
   if leaf == "kernel" and value.ndim == 4:
     return value.transpose(2, 3, 1, 0)
+  if leaf == "kernel" and value.ndim == 5:
+    return value.transpose(2, 3, 4, 1, 0)
   return value
 
 
 def _flat(params: Params) -> dict[tuple[str, ...], Any]:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(params)))
+
+
+def torch_shapes(params: Params) -> dict[str, tuple[int, ...]]:
+  """The reference state dict's key -> shape for Flax params (arrays or ShapeDtypeStructs)."""
+  out = {}
+  for path, value in _flat(params).items():
+    key, leaf = _torch_key(path)
+    out[key] = tuple(_to_torch_layout(np.empty(value.shape, np.int8), leaf).shape)
+  return out
 
 
 def flax_to_torch(params: Params) -> StateDict:
@@ -182,10 +197,13 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray],
   decoder) unless the caller overrides them.
   """
   sd = strip_module_prefix(state_dict)
+  if "patch_embed_v.proj.weight" in sd and len(sd["patch_embed_v.proj.weight"].shape) == 5:
+    return _infer_mavil_config(sd, source)
 
   def shape(key):
     if key not in sd:
-      raise CheckpointError(f"{source}: not a CAV-MAE state dict (no {key})")
+      raise CheckpointError(f"{source}: not a CAV-MAE state dict (no {key}), nor a MAViL "
+                            "one (no 5-D patch_embed_v.proj.weight)")
     return tuple(sd[key].shape)
 
   embed_dim = shape("modality_a")[-1]
@@ -205,6 +223,56 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray],
     return dict(kind="cav_mae_ft", num_classes=shape("mlp_head.1.weight")[0], **cfg)
   decoder_dim = shape("decoder_embed.weight")[0]
   return dict(kind="cav_mae", decoder_embed_dim=decoder_dim,
+              decoder_depth=_count(sd, r"decoder_blocks\.(\d+)\."),
+              decoder_num_heads=max(1, decoder_dim // 32), **cfg)
+
+
+def _infer_mavil_config(sd: Mapping[str, np.ndarray], source: str) -> dict[str, Any]:
+  """`infer_model_config` for MAViL state dicts (kinds mavil and mavil_ft).
+
+  Shapes give the token counts, not the input sizes; like the reference, we assume 128 mel
+  bins (so audio_length = tokens / 8 * 16) and 224x224 frames (so num_frames = video tokens
+  / 196 * tubelet). Other input sizes: pass them as overrides.
+  """
+
+  def shape(key):
+    if key not in sd:
+      raise CheckpointError(f"{source}: not a MAViL state dict (no {key})")
+    return tuple(sd[key].shape)
+
+  embed_dim, in_chans, tubelet, patch, _ = shape("patch_embed_v.proj.weight")
+  n_audio, n_video = shape("pos_embed")[1] - 1, shape("pos_embed_v")[1] - 1
+  mel_cols, side = 128 // patch, 224 // patch
+  if n_audio % mel_cols or n_video % (side * side):
+    raise CheckpointError(
+        f"{source}: {n_audio} audio / {n_video} video tokens do not fit 128 mel bins and "
+        f"224x224 frames with patch {patch}; pass the input sizes as overrides")
+  cfg = dict(
+      img_size=side * patch, num_frames=n_video // (side * side) * tubelet,
+      tubelet_size=tubelet, audio_length=n_audio // mel_cols * patch,
+      num_mel_bins=mel_cols * patch, patch_size=patch, in_chans=in_chans,
+      embed_dim=embed_dim, num_heads=max(1, embed_dim // 64),
+      encoder_depth=_count(sd, r"blocks\.(\d+)\."),
+      mlp_ratio=shape("blocks.0.mlp.fc1.weight")[0] / embed_dim)
+  fusion_depth = _count(sd, r"blocks_av\.(\d+)\.")
+  if "head_av.weight" in sd or "head_a.weight" in sd:
+    has_av, has_uni = "head_av.weight" in sd, "head_a.weight" in sd
+    heads = "all" if has_av and has_uni else ("multimodal" if has_av else "unimodal")
+    classes = shape("head_av.weight" if has_av else "head_a.weight")[0]
+    if has_av:
+      cfg["fusion_depth"] = fusion_depth
+    return dict(kind="mavil_ft", num_classes=classes, heads=heads, **cfg)
+  decoder_dim, _ = shape("decoder_embed.weight")
+  out_a, out_v = shape("decoder_pred.weight")[0], shape("decoder_pred_v.weight")[0]
+  if out_a == patch * patch and out_v == tubelet * patch * patch * in_chans:
+    stage = 1
+  elif out_a == out_v == embed_dim:
+    stage = 2
+  else:
+    raise CheckpointError(f"{source}: decoder_pred / decoder_pred_v output {out_a} / {out_v} "
+                          f"values, neither pixels (stage 1) nor features {embed_dim} (stage 2)")
+  return dict(kind="mavil", stage=stage, fusion_depth=fusion_depth,
+              decoder_embed_dim=decoder_dim,
               decoder_depth=_count(sd, r"decoder_blocks\.(\d+)\."),
               decoder_num_heads=max(1, decoder_dim // 32), **cfg)
 

@@ -125,6 +125,18 @@ def param_paths(params: Any) -> list[str]:
   return [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
+def frozen_mask(patterns: Sequence[str], params: Any) -> Any:
+  """A tree of bools shaped like `params`: True where `make_optimizer` freezes the parameter.
+
+  The same rule as `optimizer.frozen` (re.search on the '/'-joined path); the trainer uses it
+  to stop gradients into frozen parameters (so that XLA drops their backward pass, e.g. the
+  whole encoder when linear probing) and to keep them bit-identical.
+  """
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(c.search(param_path(path)) for c in compiled), params)
+
+
 def _label_fn(fn: Callable[[str, Any], Any]) -> Callable[[Any], Any]:
   # A callable rather than a precomputed tree: nested multi_transform hands the inner
   # transforms a tree in which other groups' leaves are MaskedNode, so labels must be computed

@@ -1,15 +1,29 @@
-r"""Training: one script for CAV-MAE pretraining on one CPU or a TPU pod.
+r"""Training: one script for CAV-MAE pretraining, fine-tuning and linear probing, on one CPU
+or a TPU pod.
 
   python -m avmae_jax.train --config configs/demo.py --workdir /tmp/demo
   python -m avmae_jax.train --config configs/cav_mae_pretrain.py:size=base,data=audioset \
       --workdir gs://bucket/run --config.batch_size=256 --distributed
+  python -m avmae_jax.train --config configs/cav_mae_finetune.py:recipe=as20k \
+      --workdir DIR --config.init_from=cav-mae-scale++.pth
 
 Sections below: distributed runtime and mesh; input; model, optimizer and sharded state;
-checkpoint (restore or init); the loop (update, metrics, checkpoints, preemption,
-evaluation). The workdir holds checkpoints/ (orbax: train state + input-iterator state),
-metrics.jsonl, tensorboard/ and model.json (the model config of the run).
+checkpoint (restore or init); the loop (update, weight averaging, metrics, checkpoints,
+preemption, evaluation); the end of a fine-tuning run. The workdir holds checkpoints/
+(orbax: train state + input-iterator state), metrics.jsonl, tensorboard/ and model.json
+(the model config of the run).
+
+Fine-tuning (model.kind = "cav_mae_ft"): periodic evaluation scores the held-out split
+(frame 5) in every mode of config.eval_modes: mAP, mAUC, d', accuracy and the loss. At the
+end, with weight averaging (config.wa_start..wa_end) the averaged model is written to
+DIR/averaged (a model checkpoint directory); the final model (the averaged one, else the
+last) is evaluated once more, averaging its sigmoid (bce) or softmax (ce) outputs over the
+10 frames of each clip when config.final_eval_all_frames (the reference's final
+evaluation; skipped for modes that see no frames), and the figures with the per-class AP
+go to DIR/final_eval.json (also a "final_eval" record in metrics.jsonl).
 """
 
+import json
 import math
 import os
 import signal
@@ -40,7 +54,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "clusters; the launch/ scripts set it).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = model_checkpoint.TRAIN_CHECKPOINT_DIR
+AVERAGED_DIR = "averaged"  # the weight-averaged model of a fine-tuning run
+FINAL_EVAL_JSON = "final_eval.json"
+# Scalars the progress line shows when the run logs them.
+_SHOWN = ("loss_mae_a", "loss_mae_v", "nce", "c_acc", "grad_norm")
 
 
 class StopTraining(Exception):
@@ -48,10 +66,13 @@ class StopTraining(Exception):
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
-  for field in ("batch_size", "log_every", "checkpoint_every", "eval_every"):
+  for field in ("batch_size", "log_every", "checkpoint_every"):
     value = config.get(field)
-    if not isinstance(value, int) or value < (0 if field == "eval_every" else 1):
+    if not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{field} must be a positive integer, got {value!r}")
+  if not isinstance(config.get("eval_every"), int) or config.eval_every < -1:
+    raise ValueError("config.eval_every must be a number of steps, 0 (never) or -1 (every "
+                     f"epoch), got {config.get('eval_every')!r}")
   if config.total_steps == -1:
     if not isinstance(config.get("num_epochs"), int) or config.num_epochs < 1:
       raise ValueError("config.total_steps=-1 needs config.num_epochs >= 1, got "
@@ -66,31 +87,30 @@ def _validate(config: ml_collections.ConfigDict) -> None:
 
 def _prepare_synthetic(config: ml_collections.ConfigDict) -> None:
   """Makes the built-in synthetic dataset if a config asks for it and it is not there."""
-  settings = config.get("synthetic")
-  if not settings:
-    return
   from avmae_jax.data import builders  # pylint: disable=import-outside-toplevel
-  builder = builders.AvmaeSynthetic(
-      config=builders.synthetic_config(settings.num_train, settings.num_test, settings.seed,
-                                       settings.num_classes),
-      data_dir=os.path.expanduser(settings.data_dir), num_workers=settings.num_workers)
-  if jax.process_index() == 0:
-    builder.download_and_prepare()
-  for section in ("data", "eval_data"):
-    config[section].name = ""
-    config[section].builder_dir = builder.data_dir
+  builders.prepare_for_config(config)
 
 
 def _make_iterators(config):
+  """(train, eval, final eval) iterators; the final one reads all 10 frames of each clip
+  when config.final_eval_all_frames and a fine-tuning evaluation mode looks at frames."""
   from avmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   config.data.batch_size = config.batch_size
   config.data.seed = config.seed
   train_iter = pipeline.create_iterator(config.data)
-  eval_iter = None
+  eval_iter = final_iter = None
   if config.eval_every:
     eval_iter = pipeline.create_iterator(config.eval_data)
     eval_iter.initial_state = eval_iter.get_state()
-  return train_iter, eval_iter
+    final_iter = eval_iter
+    if (config.model.kind == "cav_mae_ft" and config.get("final_eval_all_frames", False)
+        and any(trainer_lib.uses_video(m)
+                for m in trainer_lib.finetune_settings(config).eval_modes)):
+      final_data = ml_collections.ConfigDict(config.eval_data.to_dict())
+      final_data.eval_all_frames = True
+      final_iter = pipeline.create_iterator(final_data)
+      final_iter.initial_state = final_iter.get_state()
+  return train_iter, eval_iter, final_iter
 
 
 def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -98,7 +118,7 @@ def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
       max_to_keep=config.get("keep_checkpoints", 3), create=True,
       enable_async_checkpointing=config.get("async_checkpointing", True))
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options, item_names=("state", "data"))
+                               options=options, item_names=model_checkpoint.TRAIN_ITEM_NAMES)
 
 
 def _save(manager, step, state, train_iter, force=False):
@@ -108,6 +128,13 @@ def _save(manager, step, state, train_iter, force=False):
 
 
 def evaluate(trainer, params, eval_iter, step_key) -> dict:
+  """Held-out figures of `params`: see evaluate_pretraining / evaluate_classification."""
+  if trainer.finetune is not None:
+    return evaluate_classification(trainer, params, eval_iter)[0]
+  return evaluate_pretraining(trainer, params, eval_iter, step_key)
+
+
+def evaluate_pretraining(trainer, params, eval_iter, step_key) -> dict:
   """Held-out MAE losses and contrastive accuracy (full batches) and retrieval R@K.
 
   The eval iterator makes one ordered pass; the last batch is padded (mask 0), and the
@@ -116,8 +143,7 @@ def evaluate(trainer, params, eval_iter, step_key) -> dict:
   eval_iter.set_state(eval_iter.initial_state)
   sums, full_batches, audio_reps, video_reps = {}, 0, [], []
   for index, host_batch in enumerate(eval_iter):
-    batch = trainer_lib.global_batch(
-        trainer, {k: host_batch[k] for k in ("audio", "frames", "mask")})
+    batch = trainer_lib.global_batch(trainer, trainer.eval_inputs(host_batch))
     out = trainer.eval_step(params, batch, jax.random.fold_in(step_key, index))
     out = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
     mask = out.pop("mask") > 0  # global, so every host agrees
@@ -134,12 +160,93 @@ def evaluate(trainer, params, eval_iter, step_key) -> dict:
   return results
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
-          eval_iter=None) -> dict:
-  """Runs (or resumes) training; returns the last evaluation's results.
+def evaluate_classification(trainer, params, eval_iter) -> tuple[dict, dict]:
+  """Held-out classification figures of a fine-tuning model in each evaluation mode.
 
-  train_iter / eval_iter: input iterators to use instead of the config's datasets (any
-  object with the pipeline iterator's __next__, get_state, set_state, steps_per_epoch).
+  Returns (results, per_class_ap): results holds eval_mAP, eval_mAUC, eval_d_prime,
+  eval_accuracy, eval_loss (single-frame passes only) for config.mode and
+  eval_<mode>_<figure> for the other modes of config.eval_modes, plus num_clips and
+  frames (frames per clip the scores average over); per_class_ap maps each mode to its
+  list of per-class APs (None for classes without a positive clip).
+  """
+  settings = trainer.finetune
+  eval_iter.set_state(eval_iter.initial_state)
+  scores = {m: [] for m in settings.eval_modes}
+  losses = {m: [] for m in settings.eval_modes}
+  targets, frames = [], 1
+  for host_batch in eval_iter:
+    inputs = trainer.eval_inputs(host_batch)
+    if "frames" in inputs and np.ndim(inputs["frames"]) == 5:
+      frames = int(np.shape(inputs["frames"])[1])
+    out = trainer.eval_step(params, trainer_lib.global_batch(trainer, inputs), None)
+    out = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
+    keep = out["mask"] > 0  # global, so every host agrees
+    targets.append(out["labels"][keep])
+    for m in settings.eval_modes:
+      scores[m].append(out[f"scores/{m}"][keep])
+      if f"loss/{m}" in out:
+        losses[m].append(out[f"loss/{m}"][keep])
+  targets = np.concatenate(targets)
+  results, per_class_ap = {"num_clips": int(len(targets)), "frames": frames}, {}
+  for m in settings.eval_modes:
+    figures = metrics_lib.classification_metrics(np.concatenate(scores[m]), targets,
+                                                 settings.multilabel)
+    prefix = "eval_" if m == settings.mode else f"eval_{m}_"
+    for name in ("mAP", "mAUC", "d_prime", "accuracy"):
+      results[prefix + name] = figures[name]
+    if losses[m]:
+      results[prefix + "loss"] = float(np.concatenate(losses[m]).mean())
+    per_class_ap[m] = [None if math.isnan(ap) else ap for ap in figures["per_class_ap"]]
+  return results, per_class_ap
+
+
+def _finish_finetuning(trainer, state, workdir, final_iter, writer) -> dict:
+  """Writes the weight-averaged model and evaluates the final model (see the docstring)."""
+  params, which = state.params, "last"
+  if trainer.wa_range is not None:
+    count = int(jax.device_get(state.wa_count))
+    if count:
+      params, which = trainer.wa_average(state), "averaged"
+      path = model_checkpoint.save_model(os.path.join(workdir, AVERAGED_DIR),
+                                         models.model_config(trainer.module), params,
+                                         overwrite=True)
+      print(f"weight averaging: the mean of the parameters at the end of epochs "
+            f"{trainer.wa_range[0]}..{trainer.wa_range[1]} ({count} checkpoints) is in "
+            f"{path}", flush=True)
+  if final_iter is None:
+    return {}
+  results, per_class_ap = evaluate_classification(trainer, params, final_iter)
+  step = int(jax.device_get(state.step))
+  results["model"] = which
+  writer.write(step, results, kind="final_eval")
+  if jax.process_index() == 0:
+    record = dict(results, step=step, mode=trainer.finetune.mode, loss=trainer.finetune.loss,
+                  per_class_ap=per_class_ap)
+    with open(os.path.join(workdir, FINAL_EVAL_JSON), "w") as f:
+      json.dump(_finite_or_none(record), f, indent=1, allow_nan=False)
+  return results
+
+
+def _finite_or_none(value):
+  """JSON has no NaN: undefined figures (e.g. mAUC without negatives) become null."""
+  if isinstance(value, dict):
+    return {k: _finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
+          eval_iter=None, final_iter=None) -> dict:
+  """Runs (or resumes) training; returns the last evaluation's results (for fine-tuning,
+  the final evaluation's).
+
+  train_iter / eval_iter / final_iter: input iterators to use instead of the config's
+  datasets (any object with the pipeline iterator's __next__, get_state, set_state,
+  steps_per_epoch; evaluation ones also iterate and carry `initial_state`). final_iter
+  defaults to eval_iter.
   """
   # -- Mesh -------------------------------------------------------------------------------
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
@@ -151,13 +258,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
   # -- Input ------------------------------------------------------------------------------
   if train_iter is None:
     _prepare_synthetic(config)
-    train_iter, eval_iter = _make_iterators(config)
+    train_iter, eval_iter, final_iter = _make_iterators(config)
+  elif final_iter is None:
+    final_iter = eval_iter
   steps_per_epoch = train_iter.steps_per_epoch
   if config.total_steps == -1:
     config.total_steps = config.num_epochs * steps_per_epoch
 
   # -- Model, optimizer, sharded state ----------------------------------------------------
   trainer = trainer_lib.build_trainer(config, mesh, steps_per_epoch)
+  if trainer.wa_range and trainer.wa_range[1] > config.total_steps // steps_per_epoch:
+    raise ValueError(
+        f"config.wa_end={trainer.wa_range[1]} is beyond the run's "
+        f"{config.total_steps // steps_per_epoch} complete epochs ({config.total_steps} steps "
+        f"of {steps_per_epoch} per epoch)")
   manager = _checkpoint_manager(workdir, config)
   writer = summary.MetricWriter(workdir, config.get("tensorboard", True))
   if jax.process_index() == 0:
@@ -213,16 +327,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
       writer.write(step, scalars)
       eta = (config.total_steps - step) * samples_per_step / max(rate, 1e-9)
       print(f"step {step}/{config.total_steps}  loss {loss:.4f}  "
-            + "  ".join(f"{k} {scalars[k]:.4f}" for k in ("loss_mae_a", "loss_mae_v", "nce",
-                                                          "c_acc") if k in scalars)
+            + "  ".join(f"{k} {scalars[k]:.4f}" for k in _SHOWN if k in scalars)
             + f"  lr {scalars['lr']:.3g}  {rate:.1f} samples/s  ETA {eta / 60:.1f} min",
             flush=True)
+
+  def epoch_end(step):
+    return step % steps_per_epoch == 0
 
   try:
     with jax.set_mesh(mesh):
       for step in range(first_step + 1, config.total_steps + 1):
         batch = trainer_lib.global_batch(trainer, trainer.train_inputs(next(train_iter)))
         state, metrics = trainer.train_step(state, batch)
+        if (trainer.wa_range and epoch_end(step)
+            and trainer.wa_range[0] <= step // steps_per_epoch <= trainer.wa_range[1]):
+          state = trainer.wa_add(state)  # before any checkpoint of this step
         if pending is not None:
           check_and_log(*pending)
         pending = (step, metrics)
@@ -236,7 +355,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
           manager.wait_until_finished()
           print(f"preempted: saved step {step} to {workdir}; run again to resume", flush=True)
           return results
-        if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+        if config.eval_every and (
+            step == config.total_steps
+            or (step % config.eval_every == 0 if config.eval_every > 0 else epoch_end(step))):
           if pending is not None:
             check_and_log(*pending)
             pending = None
@@ -246,6 +367,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
               f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)), flush=True)
       if pending is not None:
         check_and_log(*pending)
+      if trainer.finetune is not None:
+        final = _finish_finetuning(trainer, state, workdir, final_iter, writer)
+        results = final or results
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -265,6 +389,13 @@ def main(argv):
   except (StopTraining, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  if results and "eval_accuracy" in results:
+    print(f"held-out classification on {results['num_clips']} clips "
+          f"({config.get('mode', 'multimodal')}, {results.get('model', 'last')} model, "
+          f"{results['frames']} frame{'s' if results['frames'] > 1 else ''} per clip): "
+          f"accuracy {100 * results['eval_accuracy']:.1f}% (chance "
+          f"{100 / config.model.num_classes:.1f}%), mAP {100 * results['eval_mAP']:.1f}, "
+          f"mAUC {results['eval_mAUC']:.3f}")
   if results and "a2v_r1" in results:
     chance = metrics_lib.chance_recall(results["num_clips"], 1)
     print(f"retrieval on {results['num_clips']} held-out clips: audio->video R@1 "

@@ -1,28 +1,114 @@
-r"""CAV-MAE fine-tuning model (cav-mae spec section 5).
+r"""CAV-MAE fine-tuning and linear-probing recipes (cav-mae spec sections 3, 5 and 6).
 
-  --config configs/cav_mae_finetune.py:size=base,num_classes=527,mode=multimodal
+  --config configs/cav_mae_finetune.py:recipe=as20k,init_from=cav-mae-scale++.pth
+  --config configs/cav_mae_finetune.py:recipe=as2m,mode=audioonly,init_from=DIR
+  --config configs/cav_mae_finetune.py:recipe=vggsound,probe=true,init_from=DIR
+  --config configs/cav_mae_finetune.py:size=tiny,data=synthetic      a tiny smoke-test run
+
+init_from (or --config.init_from=PATH) names a reference `.pth` (CAV-MAE pretraining or
+fine-tuned), a model checkpoint directory (`export` output, DIR/averaged of a fine-tuning
+run) or a pretraining workdir (its latest checkpoint). The encoder is taken from it, a
+pretraining decoder is dropped, the classifier head starts fresh (avmae_jax.trainer.load_init).
+
+Recipes follow the reference's egs/ scripts: Adam (betas 0.95, 0.999, coupled weight decay
+5e-7), the head (mlp_head_*) at `head` times the base lr, lr halved every epoch from
+`lr_start` (0-based epoch count, MultiStepLR stepped per epoch), mixup 0.5, label smoothing
+0.1, SpecAugment freqm 48 / timem 192, noise on, weight averaging of the models at the ends
+of epochs wa_start..wa_end (1-based), the final evaluation averaging outputs over 10 frames.
+mode: the training (and main evaluation) path: multimodal, audioonly or videoonly.
+probe=true: linear probing, the reference's freeze_base: only the head (LayerNorm + Linear)
+trains; the encoder stays bit-identical.
 """
 
 import ml_collections
 
 from avmae_jax import config_args
 from avmae_jax import models
-from avmae_jax.models import cav_mae
+from avmae_jax import optim
+from avmae_jax.data import config as data_config
+
+MODES = ("multimodal", "audioonly", "videoonly")
+# Every parameter but the classifier head (mlp_head_0 LayerNorm, mlp_head_1 Linear).
+PROBE_FROZEN = r"^(?!mlp_head_)"
+HEAD = r"^mlp_head_"
+
+# batch: global; lr: base; head: head lr multiplier; lr_start/lr_every: halve the lr at
+# every epoch in range(lr_start, 1000, lr_every); wa: averaged epochs (1-based, inclusive).
+RECIPES = {
+    "as20k": dict(batch=36, lr=5e-5, head=100.0, epochs=15, lr_start=5, lr_every=1,
+                  wa=(3, 15), balanced=False, loss="bce", data="audioset",
+                  train_split="balanced_train"),
+    "as2m": dict(batch=48, lr=1e-5, head=50.0, epochs=10, lr_start=2, lr_every=1,
+                 wa=(1, 10), balanced=True, loss="bce", data="audioset",
+                 train_split="balanced_train+unbalanced_train"),
+    "vggsound": dict(batch=48, lr=1e-4, head=10.0, epochs=10, lr_start=2, lr_every=1,
+                     wa=(3, 10), balanced=True, loss="ce", data="vggsound",
+                     train_split="train"),
+}
+DATASETS = {  # TFDS builder name, held-out split, classes (prepare with avmae_jax.prepare)
+    "audioset": ("avmae_audioset", "eval", 527),
+    "vggsound": ("avmae_vggsound", "test", 309),
+    "synthetic": ("", "test", 8),
+}
 
 
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, size="base", num_classes=527, mode="multimodal")
-  if arg.mode not in cav_mae.FT_MODES:
-    raise ValueError(f"mode must be one of {cav_mae.FT_MODES}, got {arg.mode!r}")
+  arg = config_args.parse_arg(arg, recipe="as20k", mode="multimodal", size="base",
+                              probe=False, data="", num_classes=0, init_from="",
+                              data_dir="~/tensorflow_datasets")
+  if arg.recipe not in RECIPES:
+    raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {arg.recipe!r}")
+  if arg.mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {arg.mode!r}")
+  recipe = RECIPES[arg.recipe]
+  data = arg.data or recipe["data"]
+  if data not in DATASETS:
+    raise ValueError(f"data must be one of {sorted(DATASETS)}, got {data!r}")
+  name, eval_split, classes = DATASETS[data]
+
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.batch_size = 36  # AS-20K recipe
+  config.batch_size = recipe["batch"]  # global
+  config.num_epochs = recipe["epochs"]
+  config.total_steps = -1  # -1: num_epochs x steps per epoch of the training split
+  config.log_every = 100
+  config.checkpoint_every = 2000
+  config.keep_checkpoints = 3
+  config.eval_every = -1  # -1: at the end of every epoch (as the reference); 0: never
+  config.init_from = arg.init_from
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+
   config.mode = arg.mode
+  config.eval_modes = []  # more modes to evaluate, e.g. ["missingvideoonly"]
+  config.loss = recipe["loss"]  # bce: multi-label, mAP; ce: soft-target CE, accuracy
+  config.wa_start, config.wa_end = recipe["wa"]  # 0, 0: no weight averaging
+  config.final_eval_all_frames = True
+
+  config.optimizer = optim.default_optimizer_config("adam_step")
+  config.optimizer.lr = recipe["lr"]
+  config.optimizer.lr_step_start = recipe["lr_start"]
+  config.optimizer.lr_step_every = recipe["lr_every"]
+  config.optimizer.lr_decay = 0.5
+  config.optimizer.head_patterns = [HEAD]
+  config.optimizer.head_lr_mult = recipe["head"]
+  config.optimizer.frozen = [PROBE_FROZEN] if arg.probe else []
+
+  config.data = data_config.default_data_config("finetune")  # mixup, smoothing, SpecAugment
+  config.data.name, config.data.data_dir = name, arg.data_dir
+  config.data.split = recipe["train_split"] if data != "synthetic" else "train"
+  config.data.balanced_sampling = recipe["balanced"]
+  config.eval_data = data_config.default_data_config("eval")
+  config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
+  config.eval_data.split = eval_split
+  config.eval_data.batch_size = 64
+  if data == "synthetic":
+    config.synthetic = dict(num_train=512, num_test=128, seed=0, num_classes=classes,
+                            data_dir=arg.data_dir, num_workers=2)
 
   config.model = dict(
       kind="cav_mae_ft",
       **models.size_fields(arg.size, kind="cav_mae_ft"),
-      num_classes=arg.num_classes,
+      num_classes=arg.num_classes or classes,
       img_size=224, audio_length=1024, num_mel_bins=128, patch_size=16, in_chans=3,
       mlp_ratio=4.0, norm_eps=1e-5,
       trainable_pos_embed=True,

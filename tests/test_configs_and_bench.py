@@ -22,8 +22,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "cav_mae_pretrain.py": ["size=base", "size=tiny", "recipe=scale++",
                             "data=vggsound,recipe=vggsound", "size=tiny,data=synthetic"],
-    "cav_mae_finetune.py": ["size=base", "size=tiny,num_classes=309,mode=audioonly"],
+    "cav_mae_finetune.py": ["size=base", "size=tiny,num_classes=309,mode=audioonly",
+                            "recipe=as2m,mode=videoonly", "recipe=vggsound,probe=true",
+                            "size=tiny,data=synthetic,init_from=/tmp/pretrained"],
     "demo.py": ["", "steps=10"],
+    "demo_finetune.py": ["", "init_from=/tmp/avmae_demo,mode=audioonly,steps=32",
+                         "mode=videoonly,probe=true", "steps=8"],
+    "mavil_pretrain.py": ["size=base", "size=base,stage=2,teacher=/tmp/r0",
+                          "size=base,data=vggsound", "size=tiny,data=synthetic"],
+    "mavil_finetune.py": ["recipe=as20k", "recipe=as2m,mode=audioonly",
+                          "recipe=vggsound,probe=true", "size=tiny,data=synthetic"],
 }
 
 
@@ -46,6 +54,8 @@ def test_config_builds_model(name, arg):
   assert n_params > 0
   if "size=base" in arg and config.model.kind == "cav_mae":
     assert n_params == 191_036_160
+  if "size=base" in arg and config.model.kind == "cav_mae_ft":
+    assert config.model.num_classes == 527 and n_params == 164_907_023
   assert models.build(models.model_config(module)) == module  # config round trip
 
 
@@ -56,6 +66,37 @@ def test_bad_config_arguments_name_the_field():
     config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_pretrain.py:size=huge"))
   with pytest.raises(ValueError, match="mode must be one of"):
     config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_finetune.py:mode=both"))
+  with pytest.raises(ValueError, match="recipe must be one of"):
+    config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_finetune.py:recipe=as3m"))
+
+
+# (loss, batch, lr, head multiplier, lr halving start, epochs, WA epochs, balanced sampling)
+# from the reference's egs/audioset/run_cavmae_ft_{bal,full}.sh and egs/vggsound/run_cavmae_ft.sh.
+@pytest.mark.parametrize("arg,want", [
+    ("recipe=as20k", ("bce", 36, 5e-5, 100, 5, 15, (3, 15), False)),
+    ("recipe=as2m", ("bce", 48, 1e-5, 50, 2, 10, (1, 10), True)),
+    ("recipe=vggsound", ("ce", 48, 1e-4, 10, 2, 10, (3, 10), True)),
+])
+def test_finetune_recipes_follow_the_reference_scripts(arg, want):
+  config = config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_finetune.py:" + arg))
+  o = config.optimizer
+  assert (config.loss, config.batch_size, o.lr, o.head_lr_mult, o.lr_step_start,
+          config.num_epochs, (config.wa_start, config.wa_end),
+          config.data.balanced_sampling) == want
+  assert (o.name, o.lr_step_every, o.lr_decay, o.b1, o.b2, o.weight_decay) == (
+      "adam_step", 1, 0.5, 0.95, 0.999, 5e-7)
+  assert (config.data.mixup, config.data.label_smooth, config.data.freqm, config.data.timem,
+          config.data.noise) == (0.5, 0.1, 48, 192, True)
+  assert config.optimizer.frozen == [] and config.final_eval_all_frames
+
+
+def test_linear_probe_config_freezes_all_but_the_head():
+  config = config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_finetune.py:"
+                                                "size=tiny,probe=true"))
+  shapes = api.abstract_params(models.build(config.model))
+  mask = optim.frozen_mask(config.optimizer.frozen, shapes)
+  for path, frozen in jax.tree_util.tree_leaves_with_path(mask):
+    assert frozen != optim.param_path(path).startswith("mlp_head_"), optim.param_path(path)
 
 
 @pytest.mark.parametrize("kind", ["cav_mae", "cav_mae_ft"])

@@ -88,6 +88,24 @@ def _id(b):
 # ----------------------------------------------------------------------------- eval numerics
 
 
+def test_frame_resize_averages_pixel_blocks_and_crops_audio():
+  d = _examples(4)
+  rng = np.random.default_rng(1)
+  d['frames'] = rng.integers(0, 256, d['frames'].shape).astype(np.uint8)
+  c = _config('eval', batch=4, frame_resize=SIZE // 2, target_length=256)
+  batch = next(P.create_iterator(c, _ds(d), process_index=0, process_count=1))
+  assert batch['frames'].shape == (4, SIZE // 2, SIZE // 2, 3)
+  assert batch['audio'].shape == (4, 256, 128)
+  f5 = d['frames'][:, 5].astype(np.float64)
+  pooled = np.round(f5.reshape(4, SIZE // 2, 2, SIZE // 2, 2, 3).mean(axis=(2, 4)))
+  np.testing.assert_allclose(batch['frames'], (pooled / 255.0 - MEAN) / STD, atol=1e-5)
+  with pytest.raises(ValueError, match='frame_resize'):
+    P.create_iterator(_config('eval', frame_resize=-1), _ds(d), process_index=0,
+                      process_count=1)
+
+
+
+
 def test_eval_batches_match_spec_normalisation_and_frame_5():
   d = _examples(10)
   c = _config('eval', batch=4)

@@ -16,6 +16,11 @@ print(",".join(heavy))
 @pytest.mark.parametrize("module,allowed", [
     ("avmae_jax", set()),
     ("avmae_jax.models.cav_mae", set()),
+    ("avmae_jax.models.mavil", set()),
+    ("avmae_jax.evaluate", set()),
+    ("avmae_jax.inpaint", set()),
+    ("avmae_jax.extract", set()),
+    ("avmae_jax.metrics", set()),
     ("avmae_jax.api", set()),
     ("avmae_jax.interop", set()),
     ("avmae_jax.export", set()),

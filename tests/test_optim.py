@@ -400,3 +400,15 @@ def test_bad_structure_and_arguments():
     optim.default_optimizer_config().grad_accum_steps = 1.5
   with pytest.raises(TypeError):
     optim.default_optimizer_config().grad_clip_norm = "none"
+
+
+def test_frozen_mask_marks_exactly_what_make_optimizer_freezes():
+  params, grads = make_params(), make_grads(1)[0]
+  config = config_with(frozen=["^pos_embed", "norm1/scale$"], lr=0.1)
+  tx, _ = optim.make_optimizer(config, params, steps_per_epoch=10, global_batch_size=48)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  mask = optim.frozen_mask(config.optimizer.frozen, params)
+  got = {optim.param_path(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert got["pos_embed_a"] and got["blocks_a_0/norm1/scale"] and sum(got.values()) == 2
+  for path, update in flat(updates).items():
+    assert got[path] == (not np.any(update)), path

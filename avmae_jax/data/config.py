@@ -68,7 +68,10 @@ def default_data_config(stage: str = 'pretrain',
   c.balanced_sampling = False
   c.balanced_weights_file = ''  # optional .npy/.csv of per-clip weights of the shard.
   # Frames (spec 2; MAViL).
-  c.frame_size = schema.FRAME_SIZE
+  c.frame_size = schema.FRAME_SIZE  # the stored frames' size
+  # > 0: resize decoded frames to this square size (area averaging), e.g. 112 for
+  # quick low-resolution runs; the model's img_size must match. 0: keep frame_size.
+  c.frame_resize = 0
   c.frame_use = -1  # evaluation frame; -1 means 5 (the reference's choice).
   c.eval_all_frames = False  # CAV-MAE evaluation aggregation: all 10 frames.
   c.num_frames = 8 if mode == 'mavil' else 1
@@ -115,6 +118,8 @@ def validate_config(c) -> None:
     bad('mixup_alpha', 'must be > 0')
   if not 0.0 <= float(c.label_smooth) < 1.0:
     bad('label_smooth', 'must be in [0, 1)')
+  if not isinstance(c.get('frame_resize', 0), int) or c.get('frame_resize', 0) < 0:
+    bad('frame_resize', 'must be 0 (keep the stored size) or a positive size in pixels')
   if not isinstance(c.frame_use, int) or c.frame_use < -1:
     bad('frame_use', 'must be -1 (frame 5) or a frame index >= 0')
   if c.mode == 'mavil':

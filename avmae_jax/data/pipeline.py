@@ -466,6 +466,7 @@ class _Graph:
     c = self._c
     source = self._source
     size = c.frame_size
+    resize = c.get('frame_resize', 0)
 
     def decode(epoch, pos, record):
       e = source.parse(record)
@@ -502,6 +503,9 @@ class _Graph:
           with tf.control_dependencies([check]):
             frames = tf.identity(frames)
         out_frames = T.decode_one_frame(frames, idx, size)
+      if resize:
+        out_frames = tf.cast(tf.round(tf.image.resize(
+            out_frames, [resize, resize], method='area')), tf.uint8)
       out = {
           'fbank': fbank,
           'frames': out_frames,

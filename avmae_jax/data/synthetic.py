@@ -6,7 +6,11 @@ peak) and flashes brighter with the same envelope, so audio and video are synchr
 Every attribute is shared by two classes (two red classes, two circle classes, two tone
 classes...), so a model must combine cues; per clip the pitch, event rate, size, position,
 speed, colour, background, a silent grey distractor and audio noise vary, so the task is
-learnable but not trivial.
+learnable but not trivial. Within a class the pitch follows the object's size (a larger
+object sounds lower, as resonators do), so a single frame also tells clips of one class
+apart: retrieval can beat the 1-in-(clips per class) ceiling of class-level matching.
+Backgrounds are near-grey so that the saturated object, not the background, carries the
+colour cue.
 
 Examples go through the same feature code as real clips: the waveform through
 `audio.clip_fbank`, the rendered frames through `video.process_image` (resize, crop, JPEG).
@@ -94,18 +98,20 @@ def draw_scene(seed: int, split: str, index: int, num_classes: int = MAX_CLASSES
   cls = CLASSES[label]
   rate = rng.uniform(0.8, 2.5)
   colour = np.clip(np.array(cls.colour) * rng.uniform(0.75, 1.15) + rng.normal(0, 12, 3), 0, 255)
+  pitch = rng.uniform(-1.0, 1.0)  # +-0.4 octave around the class frequency; size follows
+  grey = rng.uniform(30, 120)
   return Scene(
       label=label,
       seconds=seconds,
       rate=rate,
       phase=rng.uniform(0.05, 1.0 / rate),
-      freq=cls.freq * rng.uniform(0.88, 1.12),
-      size=rng.uniform(0.08, 0.16),
+      freq=cls.freq * 2.0 ** (0.4 * pitch),
+      size=0.22 - 0.07 * pitch,
       centre=(rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65)),
       amplitude=rng.uniform(0.12, 0.25),
       colour=tuple(colour),
-      background=tuple(rng.uniform(20, 140, 3)),
-      gradient=rng.uniform(-40, 40),
+      background=tuple(np.clip(grey + rng.normal(0, 8, 3), 0, 255)),
+      gradient=rng.uniform(-20, 20),
       distractor=(rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(-0.1, 0.1),
                   rng.uniform(-0.1, 0.1)),
       snr_db=rng.uniform(6.0, 25.0),

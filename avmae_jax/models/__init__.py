@@ -11,9 +11,13 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from avmae_jax.models import cav_mae
+from avmae_jax.models import mavil
 from avmae_jax.models.cav_mae import CAVMAE, CAVMAEFT
+from avmae_jax.models.mavil import MAViL, MAViLFT
 
-MODEL_CLASSES = {"cav_mae": CAVMAE, "cav_mae_ft": CAVMAEFT}
+MODEL_CLASSES = {"cav_mae": CAVMAE, "cav_mae_ft": CAVMAEFT, "mavil": MAViL,
+                 "mavil_ft": MAViLFT}
 
 # Encoder and decoder widths/depths per size. `base` is the paper's; `tiny` keeps the real
 # input sizes (1024x128 audio, 224x224 frames) so it runs on real data, for tests and the demo.
@@ -24,17 +28,37 @@ SIZES = {
     "tiny": dict(embed_dim=128, num_heads=2, modality_specific_depth=2, shared_depth=1,
                  decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
 }
+# MAViL (spec mavil.md): a 12-layer ViT per modality, 2 fusion layers (3 when fine-tuning,
+# as in the released model), decoders 8 x 512. `tiny` keeps the real input sizes
+# (1024x128 audio, 8 frames of 224x224); widths are multiples of 16 (3-D sin-cos tables).
+MAVIL_SIZES = {
+    "base": dict(embed_dim=768, num_heads=12, encoder_depth=12, fusion_depth=2,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "tiny": dict(embed_dim=128, num_heads=2, encoder_depth=2, fusion_depth=1,
+                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
+}
 DECODER_FIELDS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 
 
 def size_fields(size: str, kind: str = "cav_mae") -> dict[str, Any]:
-  if size not in SIZES:
-    raise ValueError(f"model size must be one of {sorted(SIZES)}, got {size!r}")
-  fields = dict(SIZES[size])
-  if kind == "cav_mae_ft":
+  """The width/depth/head fields of a size preset for a model kind."""
+  sizes = MAVIL_SIZES if kind in ("mavil", "mavil_ft") else SIZES
+  if size not in sizes:
+    raise ValueError(f"model size must be one of {sorted(sizes)}, got {size!r}")
+  fields = dict(sizes[size])
+  if kind in ("cav_mae_ft", "mavil_ft"):
     for name in DECODER_FIELDS:
       fields.pop(name)
+  if kind == "mavil_ft":
+    fields["fusion_depth"] += 1  # the released fine-tuned model adds a fusion layer
   return fields
+
+
+def frozen_param_names(model: nn.Module) -> tuple[str, ...]:
+  """Top-level parameters the optimizer must not update, for any model kind."""
+  if isinstance(model, (MAViL, MAViLFT)):
+    return mavil.frozen_param_names(model)
+  return cav_mae.frozen_param_names(model)
 
 
 def build(config: Mapping[str, Any]) -> nn.Module:

@@ -305,7 +305,13 @@ class CAVMAEFT(_Encoder):
 
 
 def frozen_param_names(model: nn.Module) -> tuple[str, ...]:
-  """Top-level parameters the optimizer must not update (fixed sin-cos tables)."""
+  """Top-level parameters the optimizer must not update (fixed sin-cos tables).
+
+  Other model kinds are delegated (callers should prefer `models.frozen_param_names`).
+  """
+  if not isinstance(model, (CAVMAE, CAVMAEFT)):
+    from avmae_jax.models import mavil  # pylint: disable=import-outside-toplevel
+    return mavil.frozen_param_names(model)
   if getattr(model, "trainable_pos_embed", True):
     return ()
   return POS_EMBED_NAMES if isinstance(model, CAVMAE) else POS_EMBED_NAMES[:2]

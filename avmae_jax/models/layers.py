@@ -48,9 +48,50 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   Token (row, col) gets concat(1d(col, dim/2), 1d(row, dim/2)): the column half comes
   first, as in the MAE family of models. Computed in float64, returned as float32.
   """
+  return sincos_2d_f64(dim, grid_h, grid_w).astype(np.float32)
+
+
+def sincos_2d_f64(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """`sincos_2d` in float64 (for composing into larger tables before the one cast)."""
   rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-  table = np.concatenate([sincos_1d(cols, dim // 2), sincos_1d(rows, dim // 2)], axis=1)
+  return np.concatenate([sincos_1d(cols, dim // 2), sincos_1d(rows, dim // 2)], axis=1)
+
+
+def sincos_3d(dim: int, grid_t: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 3-D sin-cos table [grid_t*grid_h*grid_w, dim], row-major over (t, row, col).
+
+  Token (t, row, col) gets concat(1d(t, dim/4), sincos_2d(3*dim/4)(row, col)): a quarter of
+  the width encodes time, three quarters space (the MAE-ST / MAViL layout). Computed in
+  float64, returned as float32.
+  """
+  if dim % 16:
+    # dim/4 (time) and 3*dim/8 (each spatial half) must be even.
+    raise ValueError(f"3-D sin-cos embedding width must be a multiple of 16, got {dim}")
+  spatial = sincos_2d_f64(dim // 4 * 3, grid_h, grid_w)             # [h*w, 3D/4]
+  temporal = sincos_1d(np.arange(grid_t), dim // 4)                 # [t, D/4]
+  table = np.concatenate([np.repeat(temporal, grid_h * grid_w, axis=0),
+                          np.tile(spatial, (grid_t, 1))], axis=1)
   return table.astype(np.float32)
+
+
+def table_init(table: Callable[[int], np.ndarray], cls_row: bool = False
+               ) -> Callable[..., jax.Array]:
+  """Initialiser filling a [1, N, dim] parameter with `table(dim)` ([N, dim] numpy).
+
+  With `cls_row`, a zero row for the cls token comes first (N = 1 + table rows), as in the
+  MAE family's `get_*_sincos_pos_embed(..., cls_token=True)`.
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    values = np.asarray(table(shape[-1]), np.float32)
+    if cls_row:
+      values = np.concatenate([np.zeros((1, shape[-1]), np.float32), values], axis=0)
+    if (1,) + values.shape != tuple(shape):
+      raise ValueError(f"position table has shape {(1,) + values.shape}, parameter {shape}")
+    return jnp.asarray(values[None], dtype)
+
+  return init
 
 
 def sincos_init(grid_h: int, grid_w: int) -> Callable[..., jax.Array]:
@@ -128,6 +169,51 @@ class PatchEmbed(nn.Module):
     return _PatchProjection(self.embed_dim, self.patch_size, self.dtype, name="proj")(x)
 
 
+class PatchEmbed3D(nn.Module):
+  """Non-overlapping tubelets -> tokens: the reference's Conv3d (kernel = stride) as a matmul.
+
+  Input [B, T, H, W, C] (frames, NHWC per frame); output [B, (T/kt)*(H/p)*(W/p), D] in
+  row-major (t, h, w) order, the order of a Conv3d's flattened output. Parameters under
+  `proj`: `kernel` [kt, p, p, C, D] (torch Conv3d weight [D, C, kt, p, p]) and `bias` [D].
+  """
+  embed_dim: int
+  tubelet_size: int = 2
+  patch_size: int = 16
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _TubeletProjection(self.embed_dim, self.tubelet_size, self.patch_size, self.dtype,
+                              name="proj")(x)
+
+
+class _TubeletProjection(nn.Module):
+  features: int
+  tubelet_size: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    u, p, c = self.tubelet_size, self.patch_size, x.shape[-1]
+    # Xavier on the torch [out, in*kt*p*p] view, as for the 2-D patch projection.
+    kernel_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=-1)
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(
+            kernel_init, ("patch_t", "patch_h", "patch_w", "channels", "embed")),
+        (u, p, p, c, self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(zeros, ("embed",)),
+                      (self.features,), jnp.float32)
+    b, frames, height, width, _ = x.shape
+    t, h, w = frames // u, height // p, width // p
+    # [B, T, H, W, C] -> [B, t*h*w, u*p*p*C], inner order (frame, row, column, channel): the
+    # order of the kernel's first four axes.
+    tubes = x.reshape(b, t, u, h, p, w, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    tubes = tubes.reshape(b, t * h * w, -1)
+    out = tubes.astype(self.dtype) @ kernel.reshape(-1, self.features).astype(self.dtype)
+    return out + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (q, k, v order, like timm)."""
   dim: int
@@ -169,28 +255,34 @@ class Block(nn.Module):
   norm1/norm2, 'a' uses norm1_a/norm2_a, 'v' uses norm1_v/norm2_v. All six norms are
   created at init even when a model never calls some of them, because reference
   checkpoints carry them and export must write every tensor the reference has.
+  `modality_norms=False` gives the plain timm ViT block (norm1, attn, norm2, mlp only),
+  which MAViL uses.
   """
   dim: int
   num_heads: int
   mlp_ratio: float = 4.0
   norm_eps: float = TORCH_LAYERNORM_EPS
   dtype: Dtype = jnp.float32
+  modality_norms: bool = True
 
   def setup(self):
     self.norm1 = layer_norm("norm1", self.norm_eps)
-    self.norm1_a = layer_norm("norm1_a", self.norm_eps)
-    self.norm1_v = layer_norm("norm1_v", self.norm_eps)
+    if self.modality_norms:
+      self.norm1_a = layer_norm("norm1_a", self.norm_eps)
+      self.norm1_v = layer_norm("norm1_v", self.norm_eps)
     self.attn = Attention(self.dim, self.num_heads, dtype=self.dtype, name="attn")
     self.norm2 = layer_norm("norm2", self.norm_eps)
-    self.norm2_a = layer_norm("norm2_a", self.norm_eps)
-    self.norm2_v = layer_norm("norm2_v", self.norm_eps)
+    if self.modality_norms:
+      self.norm2_a = layer_norm("norm2_a", self.norm_eps)
+      self.norm2_v = layer_norm("norm2_v", self.norm_eps)
     self.mlp = Mlp(int(self.dim * self.mlp_ratio), dtype=self.dtype, name="mlp")
 
   def __call__(self, x: jax.Array, modality: Optional[str] = None) -> jax.Array:
-    norms = {None: (self.norm1, self.norm2), "a": (self.norm1_a, self.norm2_a),
-             "v": (self.norm1_v, self.norm2_v)}
+    norms = {None: (self.norm1, self.norm2)}
+    if self.modality_norms:
+      norms.update(a=(self.norm1_a, self.norm2_a), v=(self.norm1_v, self.norm2_v))
     if modality not in norms:
-      raise ValueError(f"modality must be None, 'a' or 'v', got {modality!r}")
+      raise ValueError(f"modality must be one of {sorted(norms, key=str)}, got {modality!r}")
     if self.is_initializing():
       for pair in norms.values():  # create all six norms (see class docstring)
         pair[0](x), pair[1](x)

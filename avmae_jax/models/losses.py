@@ -1,8 +1,10 @@
-"""Patch layout and the CAV-MAE losses: masked reconstruction and audio-visual InfoNCE.
+"""Patch layout and the losses of CAV-MAE and MAViL: masked reconstruction, InfoNCE.
 
-Images are NHWC. A spectrogram [B, T, F] is the image [B, F, T, 1] (height = frequency,
-width = time), so one patchify serves both modalities and reproduces the reference's
-inner patch order (p, q, c): p along height, q along width, channel last.
+Images are NHWC. For CAV-MAE a spectrogram [B, T, F] is the image [B, F, T, 1] (height =
+frequency, width = time), so one patchify serves both modalities and reproduces the
+reference's inner patch order (p, q, c): p along height, q along width, channel last.
+MAViL (AudioMAE's layout) takes the spectrogram as the image [B, T, F, 1] instead, and
+patches video [B, T, H, W, C] into tubelets with inner order (u, p, q, c) (MAE-ST's).
 """
 
 import jax
@@ -34,6 +36,24 @@ def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int], channels: 
   x = patches.reshape(b, h, w, patch, patch, channels)
   x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
   return x.reshape(b, h * patch, w * patch, channels)
+
+
+def patchify_video(frames: jax.Array, tubelet: int, patch: int) -> jax.Array:
+  """[B, T, H, W, C] -> [B, (T/u)*(H/p)*(W/p), u*p*p*C], tubelets row-major over (t, h, w),
+  inner order (u, p, q, c): frame within the tubelet, row, column, channel."""
+  b, frames_, height, width, c = frames.shape
+  t, h, w = frames_ // tubelet, height // patch, width // patch
+  x = frames.reshape(b, t, tubelet, h, patch, w, patch, c)
+  x = jnp.transpose(x, (0, 1, 3, 5, 2, 4, 6, 7))
+  return x.reshape(b, t * h * w, tubelet * patch * patch * c)
+
+
+def layer_norm_no_affine(x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm over the last axis without scale or bias (biased variance, like torch)."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 def normalize_patches(target: jax.Array) -> jax.Array:

@@ -1,0 +1,131 @@
+r"""MAViL pretraining, stage 1 (reconstruction + contrast) and stage 2 (self-training).
+
+  --config configs/mavil_pretrain.py:size=base                        AS-2M, stage 1
+  --config configs/mavil_pretrain.py:size=base,stage=2 --config.teacher=STAGE1_WORKDIR
+  --config configs/mavil_pretrain.py:size=base,data=vggsound          VGGSound, stage 1
+  --config configs/mavil_pretrain.py:size=tiny,data=synthetic         minutes on a CPU
+
+Stage 2 needs `config.teacher` (or the `teacher=PATH` argument): a stage-1 or stage-2
+training workdir (its latest checkpoint) or a model directory. The teacher is built from
+its own model.json, loaded once, frozen, and run on unmasked clips inside each train step
+to make the targets (avmae_jax.models.mavil.compute_teacher_targets); the student is a
+fresh model of this config. Rounds of self-training: round k+1 is another stage-2 run
+whose teacher is round k's workdir, e.g.
+  python -m avmae_jax.train --config configs/mavil_pretrain.py:size=base --workdir R0
+  python -m avmae_jax.train --config configs/mavil_pretrain.py:size=base,stage=2 \
+      --config.teacher=R0 --workdir R1
+  python -m avmae_jax.train --config configs/mavil_pretrain.py:size=base,stage=2 \
+      --config.teacher=R1 --workdir R2
+(the spec's default is one round, R1).
+
+Recipe (mavil spec, "Our defaults"): AdamW, betas (0.9, 0.95), weight decay 0.05 (not on
+biases and norms, as MAE), linear warmup then cosine decay to 0, lr = base_lr * batch / 256,
+masking 0.8 (audio) / 0.9 (video), loss weights 0.01 (inter- and intra-modal InfoNCE,
+temperature 0.1), norm_pix_loss. The paper's batch, base lr and epochs are not in the spec;
+ours follow Audio-MAE's AS-2M pretraining (batch 512, base lr 2e-4, 32 epochs, 3 warmup
+epochs) and are fields like every other choice. Inputs: 10 s of log-mel (1024 x 128)
+normalised as (x - mean) / (2 std), 8 frames at 2 frames/s (the `fps2` datasets, 20
+stored frames per clip; `python -m avmae_jax.prepare ... --frames fps2`).
+
+data=synthetic: the built-in synthetic dataset (prepared on first use, 20 frames per clip)
+with reduced inputs (2.56 s of log-mel, 4 frames of 112 px: a step is ~10x cheaper) and a
+short run of `steps` steps, so that size=tiny trains in a few CPU minutes.
+"""
+
+import ml_collections
+
+from avmae_jax import config_args
+from avmae_jax import models
+from avmae_jax import optim
+from avmae_jax.data import config as data_config
+
+DATASETS = {  # TFDS builder name (2 frames/s variants), train split, held-out split
+    "audioset": ("avmae_audioset/fps2", "train", "eval"),
+    "vggsound": ("avmae_vggsound/fps2", "train", "test"),
+    "synthetic": ("", "train", "test"),
+}
+STAGES = (1, 2)
+# Our choice where the spec is silent: Audio-MAE's AS-2M pretraining schedule.
+BATCH, BASE_LR, EPOCHS, WARMUP_EPOCHS = 512, 2e-4, 32, 3.0
+# data=synthetic: reduced inputs (first 2.56 s of log-mel; 4 frames = 2 s at 2 fps, 112 px).
+SMALL_AUDIO, SMALL_FRAMES, SMALL_IMAGE = 256, 4, 112
+
+
+def get_config(arg=None):
+  arg = config_args.parse_arg(arg, size="base", data="audioset", stage=1, teacher="",
+                              steps=400, data_dir="~/tensorflow_datasets")
+  if arg.data not in DATASETS:
+    raise ValueError(f"data must be one of {sorted(DATASETS)}, got {arg.data!r}")
+  if arg.stage not in STAGES:
+    raise ValueError(f"stage must be one of {STAGES}, got {arg.stage!r}")
+  if arg.teacher and arg.stage != 2:
+    raise ValueError("teacher is the stage-2 teacher; add stage=2")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = BATCH  # global
+  config.num_epochs = EPOCHS
+  config.total_steps = -1  # -1: num_epochs x steps per epoch of the training split
+  config.log_every = 100
+  config.checkpoint_every = 2000
+  config.keep_checkpoints = 3
+  config.eval_every = 10000  # 0 = never
+  config.init_from = ""  # a model checkpoint dir or MAViL .pth (stage 2: keep it empty)
+  # Stage 2: the teacher's training workdir or model directory (required there).
+  config.teacher = arg.teacher
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+
+  config.optimizer = optim.default_optimizer_config("adamw_cosine")
+  config.optimizer.lr = BASE_LR  # per 256 clips: lr_scale_by_batch
+  config.optimizer.lr_scale_by_batch = True
+  config.optimizer.warmup_epochs = WARMUP_EPOCHS
+  config.optimizer.min_lr = 0.0
+
+  name, train_split, eval_split = DATASETS[arg.data]
+  config.data = data_config.default_data_config("pretrain", mode="mavil")
+  config.data.name, config.data.data_dir = name, arg.data_dir
+  config.data.split = train_split
+  config.eval_data = data_config.default_data_config("eval", mode="mavil")
+  config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
+  config.eval_data.split = eval_split
+  config.eval_data.batch_size = 64
+
+  config.model = dict(
+      kind="mavil",
+      **models.size_fields(arg.size, kind="mavil"),
+      stage=arg.stage,
+      img_size=224, num_frames=8, tubelet_size=2, audio_length=1024, num_mel_bins=128,
+      patch_size=16, in_chans=3, mlp_ratio=4.0, norm_eps=1e-6,
+      norm_pix_loss=True,  # stage 1 targets; stage 2 predicts the teacher's features
+      mask_ratio_a=0.8, mask_ratio_v=0.9,
+      contrast_temperature=0.1,
+      inter_contrast_weight=0.01,
+      intra_contrast_weight=0.01,
+      stage2_contrastive=True,  # stage 2 keeps the contrastive terms next to the MSE
+      trainable_pos_embed=False,
+      remat=False,
+      dtype="float32",  # compute dtype; parameters and optimizer state stay float32
+  )
+
+  if arg.data == "synthetic":
+    config.synthetic = dict(num_train=512, num_test=128, seed=0, num_classes=8,
+                            data_dir=arg.data_dir, num_workers=2, num_frames=20)
+    config.model.audio_length = SMALL_AUDIO
+    config.model.num_frames = SMALL_FRAMES
+    config.model.img_size = SMALL_IMAGE
+    for section in (config.data, config.eval_data):
+      section.target_length = SMALL_AUDIO
+      section.num_frames = SMALL_FRAMES
+      section.frame_resize = SMALL_IMAGE
+    config.batch_size = 32
+    config.total_steps = arg.steps
+    config.log_every = 50
+    config.checkpoint_every = 200
+    config.eval_every = arg.steps
+    config.data.shuffle_buffer = 512
+    # A short run: lr fixed (not scaled by the small batch), warmup and cosine in steps.
+    config.optimizer.lr = 5e-4
+    config.optimizer.lr_scale_by_batch = False
+    config.optimizer.warmup_epochs = None
+    config.optimizer.warmup_steps = min(40, arg.steps // 4)
+    config.optimizer.total_steps = arg.steps
+  return config
