@@ -132,6 +132,17 @@ def _is_stage2(module) -> bool:
   return models.kind_of(module) == "mavil" and module.stage == 2
 
 
+def _build_trainer(config, mesh):
+  """The trainer of a training config; MAViL stage 2 without config.teacher gets a stand-in
+  teacher of the student's architecture (stage 1)."""
+  teacher_model = None
+  if (config.model.get("kind") == "mavil" and config.model.get("stage") == 2
+      and not config.get("teacher")):
+    teacher_model = dict(config.model.to_dict(), stage=1)
+  return trainer_lib.build_trainer(config, mesh, steps_per_epoch=1000,
+                                   teacher_model=teacher_model)
+
+
 def _teacher_args(trainer, config, abstract: bool = False) -> tuple:
   """The extra train-step argument of MAViL stage 2: the teacher's parameters, loaded
   from config.teacher, or random ones of the student's architecture when it is empty
@@ -171,7 +182,7 @@ def _memory(compiled) -> dict:
 def bench_train(args) -> dict:
   config = _training_config(args)
   mesh = sharding.make_mesh(config.mesh)
-  trainer = trainer_lib.build_trainer(config, mesh, steps_per_epoch=1000)
+  trainer = _build_trainer(config, mesh)
   rng = np.random.default_rng(0)
   with jax.set_mesh(mesh):
     state = trainer.init()
@@ -272,7 +283,7 @@ def bench_aot(args) -> dict:
   devices = topology.devices
   config = _training_config(args)
   mesh = sharding.make_mesh(config.mesh, devices)
-  trainer = trainer_lib.build_trainer(config, mesh, steps_per_epoch=1000)
+  trainer = _build_trainer(config, mesh)
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       trainer.abstract_state, trainer.state_shardings)

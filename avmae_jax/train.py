@@ -1,11 +1,19 @@
-r"""Training: one script for CAV-MAE pretraining, fine-tuning and linear probing, on one CPU
-or a TPU pod.
+r"""Training: one script for CAV-MAE and MAViL pretraining, fine-tuning and linear probing,
+on one CPU or a TPU pod.
 
   python -m avmae_jax.train --config configs/demo.py --workdir /tmp/demo
   python -m avmae_jax.train --config configs/cav_mae_pretrain.py:size=base,data=audioset \
       --workdir gs://bucket/run --config.batch_size=256 --distributed
   python -m avmae_jax.train --config configs/cav_mae_finetune.py:recipe=as20k \
       --workdir DIR --config.init_from=cav-mae-scale++.pth
+  python -m avmae_jax.train --config configs/mavil_pretrain.py:size=base --workdir S1
+  python -m avmae_jax.train --config configs/mavil_pretrain.py:size=base,stage=2 \
+      --config.teacher=S1 --workdir S2        # round 2: --config.teacher=S2 --workdir S3
+
+MAViL stage 2 (self-training): the teacher (config.teacher, a stage-1 or stage-2 workdir or
+model directory) is loaded once, frozen, outside the train state; the step it was taken
+at is pinned in DIR/teacher.json, so that a resumed run keeps the same teacher even if
+the teacher's run has gone on (a different config.teacher is then an error).
 
 Sections below: distributed runtime and mesh; input; model, optimizer and sharded state;
 checkpoint (restore or init); the loop (update, weight averaging, metrics, checkpoints,
@@ -13,14 +21,15 @@ preemption, evaluation); the end of a fine-tuning run. The workdir holds checkpo
 (orbax: train state + input-iterator state), metrics.jsonl, tensorboard/ and model.json
 (the model config of the run).
 
-Fine-tuning (model.kind = "cav_mae_ft"): periodic evaluation scores the held-out split
-(frame 5) in every mode of config.eval_modes: mAP, mAUC, d', accuracy and the loss. At the
-end, with weight averaging (config.wa_start..wa_end) the averaged model is written to
-DIR/averaged (a model checkpoint directory); the final model (the averaged one, else the
-last) is evaluated once more, averaging its sigmoid (bce) or softmax (ce) outputs over the
-10 frames of each clip when config.final_eval_all_frames (the reference's final
-evaluation; skipped for modes that see no frames), and the figures with the per-class AP
-go to DIR/final_eval.json (also a "final_eval" record in metrics.jsonl).
+Fine-tuning (model.kind = "cav_mae_ft" or "mavil_ft"): periodic evaluation scores the
+held-out split (frame 5; MAViL: the centred clip) in every mode of config.eval_modes: mAP,
+mAUC, d', accuracy and the loss. At the end, with weight averaging (config.wa_start..wa_end)
+the averaged model is written to DIR/averaged (a model checkpoint directory); the final
+model (the averaged one, else the last) is evaluated once more, averaging its sigmoid (bce)
+or softmax (ce) outputs over the 10 frames of each clip when config.final_eval_all_frames
+(the reference's final evaluation, CAV-MAE only; skipped for modes that see no frames),
+and the figures with the per-class AP go to DIR/final_eval.json (also a "final_eval" record
+in metrics.jsonl).
 """
 
 import json
@@ -58,7 +67,9 @@ CHECKPOINT_DIR = model_checkpoint.TRAIN_CHECKPOINT_DIR
 AVERAGED_DIR = "averaged"  # the weight-averaged model of a fine-tuning run
 FINAL_EVAL_JSON = "final_eval.json"
 # Scalars the progress line shows when the run logs them.
-_SHOWN = ("loss_mae_a", "loss_mae_v", "nce", "c_acc", "grad_norm")
+_SHOWN = ("loss_mae_a", "loss_mae_v", "nce", "c_acc", "loss_rec_a", "loss_rec_v",
+          "loss_inter", "acc_inter", "grad_norm")
+TEACHER_JSON = "teacher.json"  # MAViL stage 2: which teacher checkpoint this run learns from
 
 
 class StopTraining(Exception):
@@ -127,29 +138,29 @@ def _save(manager, step, state, train_iter, force=False):
       data=ocp.args.JsonSave(train_iter.get_state())), force=force)
 
 
-def evaluate(trainer, params, eval_iter, step_key) -> dict:
+def evaluate(trainer, params, eval_iter, step_key, teacher=()) -> dict:
   """Held-out figures of `params`: see evaluate_pretraining / evaluate_classification."""
   if trainer.finetune is not None:
     return evaluate_classification(trainer, params, eval_iter)[0]
-  return evaluate_pretraining(trainer, params, eval_iter, step_key)
+  return evaluate_pretraining(trainer, params, eval_iter, step_key, teacher)
 
 
-def evaluate_pretraining(trainer, params, eval_iter, step_key) -> dict:
+def evaluate_pretraining(trainer, params, eval_iter, step_key, teacher=()) -> dict:
   """Held-out MAE losses and contrastive accuracy (full batches) and retrieval R@K.
 
   The eval iterator makes one ordered pass; the last batch is padded (mask 0), and the
-  padding is left out of every figure.
+  padding is left out of every figure. teacher: MAViL stage 2's (teacher parameters,).
   """
   eval_iter.set_state(eval_iter.initial_state)
   sums, full_batches, audio_reps, video_reps = {}, 0, [], []
   for index, host_batch in enumerate(eval_iter):
     batch = trainer_lib.global_batch(trainer, trainer.eval_inputs(host_batch))
-    out = trainer.eval_step(params, batch, jax.random.fold_in(step_key, index))
+    out = trainer.eval_step(params, batch, jax.random.fold_in(step_key, index), *teacher)
     out = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
     mask = out.pop("mask") > 0  # global, so every host agrees
     if mask.all():  # padded batches would bias the batch-mean losses
       full_batches += 1
-      for key in trainer_lib.PRETRAIN_METRICS:
+      for key in trainer.pretrain_metrics:
         if key in out:
           sums[key] = sums.get(key, 0.0) + float(out[key])
     audio_reps.append(out["audio_rep"][mask])
@@ -176,8 +187,8 @@ def evaluate_classification(trainer, params, eval_iter) -> tuple[dict, dict]:
   targets, frames = [], 1
   for host_batch in eval_iter:
     inputs = trainer.eval_inputs(host_batch)
-    if "frames" in inputs and np.ndim(inputs["frames"]) == 5:
-      frames = int(np.shape(inputs["frames"])[1])
+    if "frames" in inputs and np.ndim(inputs["frames"]) == trainer.frames_ndim + 1:
+      frames = int(np.shape(inputs["frames"])[1])  # several inputs per clip, averaged
     out = trainer.eval_step(params, trainer_lib.global_batch(trainer, inputs), None)
     out = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
     keep = out["mask"] > 0  # global, so every host agrees
@@ -225,6 +236,40 @@ def _finish_finetuning(trainer, state, workdir, final_iter, writer) -> dict:
     with open(os.path.join(workdir, FINAL_EVAL_JSON), "w") as f:
       json.dump(_finite_or_none(record), f, indent=1, allow_nan=False)
   return results
+
+
+def _load_teacher(trainer, workdir: str) -> tuple:
+  """MAViL stage 2: (teacher parameters,), the train step's extra argument; () otherwise.
+
+  A training workdir as teacher gives its latest checkpoint, whose step is written to
+  DIR/teacher.json; a resumed run reads it back (same teacher, same step).
+  """
+  if trainer.teacher is None:
+    return ()
+  path = trainer.teacher_path
+  if path == os.path.abspath(workdir):
+    raise ValueError(f"config.teacher={path} is this run's own workdir; the teacher is "
+                     "the previous stage's (or round's) workdir")
+  steps = model_checkpoint.train_steps(path)
+  step = steps[-1] if steps else None  # None: an exported model directory
+  record_path = os.path.join(workdir, TEACHER_JSON)
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+    if record["path"] != path:
+      raise ValueError(f"config.teacher={path}, but this workdir has trained with the "
+                       f"teacher {record['path']} ({record_path}); use that one, or "
+                       "another workdir")
+    step = record["step"]
+  params = trainer.load_teacher(step)
+  if jax.process_index() == 0:
+    if not os.path.exists(record_path):  # pinned once it loaded
+      with open(record_path, "w") as f:
+        json.dump({"path": path, "step": step, "teacher_stage": trainer.teacher.stage}, f,
+                  indent=1)
+    print(f"teacher: MAViL stage {trainer.teacher.stage} from {path}"
+          + (f" (step {step})" if step is not None else ""), flush=True)
+  return (params,)
 
 
 def _finite_or_none(value):
@@ -277,6 +322,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     model_checkpoint.write_model_config(workdir, models.model_config(trainer.module))
+  with jax.set_mesh(mesh):
+    teacher = _load_teacher(trainer, workdir)  # () unless MAViL stage 2
 
   # -- Checkpoint: resume from the latest, else init (optionally from given weights) --------
   with jax.set_mesh(mesh):
@@ -338,7 +385,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
     with jax.set_mesh(mesh):
       for step in range(first_step + 1, config.total_steps + 1):
         batch = trainer_lib.global_batch(trainer, trainer.train_inputs(next(train_iter)))
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = trainer.train_step(state, batch, *teacher)
         if (trainer.wa_range and epoch_end(step)
             and trainer.wa_range[0] <= step // steps_per_epoch <= trainer.wa_range[1]):
           state = trainer.wa_add(state)  # before any checkpoint of this step
@@ -361,7 +408,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
           if pending is not None:
             check_and_log(*pending)
             pending = None
-          results = evaluate(trainer, state.params, eval_iter, eval_key)
+          results = evaluate(trainer, state.params, eval_iter, eval_key, teacher)
           writer.write(step, results, kind="eval")
           print(f"eval at step {step}: " + "  ".join(
               f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)), flush=True)
@@ -390,9 +437,13 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if results and "eval_accuracy" in results:
+    if config.model.kind == "mavil_ft":  # one clip of num_frames frames is one input
+      inputs = f"clips of {config.model.num_frames} frames"
+    else:
+      inputs = f"{results['frames']} frame{'s' if results['frames'] > 1 else ''} per clip"
     print(f"held-out classification on {results['num_clips']} clips "
           f"({config.get('mode', 'multimodal')}, {results.get('model', 'last')} model, "
-          f"{results['frames']} frame{'s' if results['frames'] > 1 else ''} per clip): "
+          f"{inputs}): "
           f"accuracy {100 * results['eval_accuracy']:.1f}% (chance "
           f"{100 / config.model.num_classes:.1f}%), mAP {100 * results['eval_mAP']:.1f}, "
           f"mAUC {results['eval_mAUC']:.3f}")

@@ -26,7 +26,7 @@ RECIPES = {
     "vggsound": (120, 5e-5, 10),
 }
 DATASETS = {  # TFDS builder names (prepared with `python -m avmae_jax.prepare`)
-    "audioset": ("avmae_audioset", "train", "eval"),
+    "audioset": ("avmae_audioset", "balanced_train+unbalanced_train", "eval"),  # AS-2M
     "vggsound": ("avmae_vggsound", "train", "test"),
     "synthetic": ("", "train", "test"),
 }

@@ -29,9 +29,11 @@ VARIANTS = {
     "demo_finetune.py": ["", "init_from=/tmp/avmae_demo,mode=audioonly,steps=32",
                          "mode=videoonly,probe=true", "steps=8"],
     "mavil_pretrain.py": ["size=base", "size=base,stage=2,teacher=/tmp/r0",
-                          "size=base,data=vggsound", "size=tiny,data=synthetic"],
+                          "size=base,data=vggsound", "size=tiny,data=synthetic",
+                          "size=tiny,data=synthetic,stage=2,steps=20"],
     "mavil_finetune.py": ["recipe=as20k", "recipe=as2m,mode=audioonly",
-                          "recipe=vggsound,probe=true", "size=tiny,data=synthetic"],
+                          "recipe=vggsound,probe=true", "size=tiny,data=synthetic",
+                          "size=tiny,data=synthetic,mode=videoonly,probe=true"],
 }
 
 
@@ -68,6 +70,31 @@ def test_bad_config_arguments_name_the_field():
     config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_finetune.py:mode=both"))
   with pytest.raises(ValueError, match="recipe must be one of"):
     config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_finetune.py:recipe=as3m"))
+
+
+def test_mavil_pretraining_config_follows_the_spec():
+  config = config_args.load_config(os.path.join(ROOT, "configs", "mavil_pretrain.py:size=base"))
+  o, m, d = config.optimizer, config.model, config.data
+  assert (o.name, o.b1, o.b2, o.weight_decay, o.lr_scale_by_batch, o.min_lr) == (
+      "adamw_cosine", 0.9, 0.95, 0.05, True, 0.0)
+  assert (m.kind, m.stage, m.mask_ratio_a, m.mask_ratio_v, m.contrast_temperature,
+          m.inter_contrast_weight, m.intra_contrast_weight, m.norm_pix_loss) == (
+              "mavil", 1, 0.8, 0.9, 0.1, 0.01, 0.01, True)
+  assert (d.mode, d.num_frames, d.mavil_fps, d.norm_std_factor) == ("mavil", 8, 2.0, 2.0)
+  assert (m.num_frames, m.img_size, m.audio_length) == (8, 224, 1024)
+  # lr = base_lr * batch / 256 at the end of the warmup
+  shapes = api.abstract_params(models.build(m))
+  _, schedule = optim.make_optimizer(config, shapes, steps_per_epoch=100,
+                                     global_batch_size=config.batch_size)
+  warmup = int(o.warmup_epochs * 100)
+  assert float(schedule(warmup)) == pytest.approx(o.lr * config.batch_size / 256)
+  stage2 = config_args.load_config(os.path.join(ROOT, "configs",
+                                                "mavil_pretrain.py:size=base,stage=2,teacher=R1"))
+  assert stage2.model.stage == 2 and stage2.teacher == "R1"
+  with pytest.raises(ValueError, match="stage must be one of"):
+    config_args.load_config(os.path.join(ROOT, "configs", "mavil_pretrain.py:stage=3"))
+  with pytest.raises(ValueError, match="add stage=2"):
+    config_args.load_config(os.path.join(ROOT, "configs", "mavil_pretrain.py:teacher=R0"))
 
 
 # (loss, batch, lr, head multiplier, lr halving start, epochs, WA epochs, balanced sampling)

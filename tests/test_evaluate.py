@@ -277,7 +277,8 @@ def test_evaluate_command_end_to_end_matches_the_pytorch_port(tmp_path):
   import sys  # pylint: disable=import-outside-toplevel
   from avmae_jax import config_args, evaluate, metrics, models, torch_port  # pylint: disable=import-outside-toplevel
   torch.manual_seed(4)
-  ref = torch_port.CAVMAE(**models.size_fields("tiny")).eval()  # full-size inputs
+  # the demo config's input geometry (2.56 s of log-mel, 112 px frames)
+  ref = torch_port.CAVMAE(**models.size_fields("tiny"), audio_length=256, img_size=112).eval()
   pth = str(tmp_path / "tiny.pth")
   torch.save(ref.state_dict(), pth)
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "eval")

@@ -182,10 +182,12 @@ def test_extracted_shards_hold_every_clip_once_with_the_ports_features(pretraine
 
 
 @pytest.fixture(scope="module")
-def full_size_pth(tmp_path_factory):
+def demo_size_pth(tmp_path_factory):
+  """A .pth with the demo config's input geometry (2.56 s of log-mel, 112 px frames)."""
   torch.manual_seed(3)
-  ref = torch_port.CAVMAE(**models.size_fields("tiny"), norm_pix_loss=False).eval()
-  return _save(ref, str(tmp_path_factory.mktemp("pth") / "full.pth")), ref
+  ref = torch_port.CAVMAE(**models.size_fields("tiny"), audio_length=256, img_size=112,
+                          norm_pix_loss=False).eval()
+  return _save(ref, str(tmp_path_factory.mktemp("pth") / "demo_size.pth")), ref
 
 
 def _cli(module, data_dir, *args):
@@ -195,8 +197,8 @@ def _cli(module, data_dir, *args):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_extract_and_inpaint_commands(full_size_pth, tmp_path):
-  path, _ = full_size_pth
+def test_extract_and_inpaint_commands(demo_size_pth, tmp_path):
+  path, _ = demo_size_pth
   data_dir = str(tmp_path / "tfds")
   out = _cli("avmae_jax.extract", data_dir, "--checkpoint", path, "--out",
              str(tmp_path / "features"), "--shard_size", "3")

@@ -295,9 +295,16 @@ def test_stage2_run_pins_its_teacher(stage1_workdir, stage2_workdir, tmp_path):
                             "teacher_stage": 1}
   loaded = api.load(stage2_workdir)
   assert loaded.kind == "mavil" and loaded.module.stage == 2
-  # a resumed run keeps its teacher: another one (valid, the same weights exported) is refused
+  # an exported model directory works as a teacher too (the same weights)
   exported = api.load(stage1_workdir).save(str(tmp_path / "exported"))
   config = pretrain_config(stage=2, teacher=exported)
+  trainer, mesh = make_trainer(config)
+  other, _ = make_trainer(pretrain_config(stage=2, teacher=stage1_workdir))
+  with jax.set_mesh(mesh):
+    from_dir, from_workdir = trainer.load_teacher(), other.load_teacher()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_dir),
+               jax.device_get(from_workdir))
+  # but a resumed run keeps its own teacher: another one is refused
   config.total_steps = 3
   with pytest.raises(ValueError, match="has trained with the teacher"):
     train.train(config, stage2_workdir, train_iter=Batches())
