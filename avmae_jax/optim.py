@@ -1,10 +1,10 @@
 """Optimizer factory: the CAV-MAE and MAViL recipes as one optax GradientTransformation.
 
-`make_optimizer(config, params, steps_per_epoch, global_batch_size)` reads `config.optimizer`
-(defaults: `default_optimizer_config()`) and returns `(tx, schedule)`:
+`make_optimizer(config, params, steps_per_epoch, global_batch_size, lr_layers)` reads
+`config.optimizer` (defaults: `default_optimizer_config()`) and returns `(tx, schedule)`:
 
   * `tx` is the whole update rule: frozen parameters -> gradient clipping -> per-group
-    optimizer, optionally wrapped in gradient accumulation.
+    optimizer -> layer-wise lr scale, optionally wrapped in gradient accumulation.
   * `schedule(step)` is the learning rate of the BASE parameter group at training-loop step
     `step` (the number of batches consumed before this one); the head group uses
     `schedule(step) * head_lr_mult`. Use it for logging only: `tx` carries its own counters.
@@ -33,12 +33,17 @@ collection itself, not {"params": ...}): `frozen` (no update at all, not even we
 also do not count in the clipping norm, as in torch where they carry no .grad), `head_patterns`
 (lr * `head_lr_mult`; frozen wins over head), the rest is the base group. Every pattern must
 match some parameter (a typo is an error, not a silent no-op).
+
+Layer-wise lr decay (`layer_decay` < 1, MAE/BEiT fine-tuning): a parameter at layer l of L
+(`avmae_jax.models.lr_layers`: embeddings 0, block i i+1, heads L) trains at lr *
+layer_decay ** (L - l), weight decay included (torch param groups with lr_scale), on top of
+the head multiplier.
 """
 
 import math
 import numbers
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +95,7 @@ def default_optimizer_config(name: str = "adam_step") -> ml_collections.ConfigDi
   c.frozen = []  # regexes of parameters that are never updated
   c.head_patterns = []  # regexes of the head group, lr * head_lr_mult
   c.head_lr_mult = 1.0
+  c.layer_decay = 1.0  # 1: off; else layer-wise lr decay (needs the model's layer ids)
   if name == "adam_step":
     c.lr_step_start = 10
     c.lr_step_every = 5
@@ -226,6 +232,9 @@ def _validate(c: ml_collections.ConfigDict, paths: list[str]) -> dict[str, Any]:
     _fail("head_lr_mult", "be > 0", c.head_lr_mult)
   if v["head_lr_mult"] != 1 and not v["head"]:
     _fail("head_patterns", "be non-empty when optimizer.head_lr_mult != 1", c.head_patterns)
+  v["layer_decay"] = _number(c, "layer_decay")
+  if not 0 < v["layer_decay"] <= 1:
+    _fail("layer_decay", "be in (0, 1] (1 = off)", c.layer_decay)
   if c.grad_clip_norm is not None:
     v["grad_clip_norm"] = _number(c, "grad_clip_norm")
     if v["grad_clip_norm"] <= 0:
@@ -351,8 +360,27 @@ def _group(c, v, update_schedule: Schedule, mult: float) -> optax.GradientTransf
                      weight_decay=v["weight_decay"], mask=decay_mask)
 
 
+def _scale_by_layer(decay: float, layer_of: Callable[[str], int], num_layers: int
+                    ) -> optax.GradientTransformation:
+  """Multiplies each update by decay ** (num_layers - layer_of(path)); stateless."""
+
+  def scale(path, u):
+    layer = layer_of(param_path(path))
+    if not 0 <= layer <= num_layers:
+      raise ValueError(f"layer id {layer} of {param_path(path)!r} is outside 0..{num_layers}")
+    factor = decay ** (num_layers - layer)
+    return u if factor == 1.0 else u * jnp.asarray(factor, u.dtype)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epoch: int,
-                   global_batch_size: int) -> tuple[optax.GradientTransformation, Schedule]:
+                   global_batch_size: int, lr_layers: Optional[tuple[Callable[[str], int], int]]
+                   = None) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the update rule described by `config.optimizer`.
 
   Args:
@@ -364,6 +392,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
     steps_per_epoch: training-loop steps (global batches) per epoch.
     global_batch_size: examples per training-loop step over all devices (without the
       accumulation factor, which is applied here).
+    lr_layers: (layer_of(path), num_layers), the model's layer ids for `layer_decay` < 1
+      (`avmae_jax.models.lr_layers(module)`); required only then.
 
   Returns:
     (tx, schedule): `tx` the optax transformation (apply its updates with
@@ -403,6 +433,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
       {_BASE: _group(c, v, update_schedule, 1.0),
        _HEAD: _group(c, v, update_schedule, v["head_lr_mult"])},
       _label_fn(head_group))
+  if v["layer_decay"] != 1.0:
+    if lr_layers is None:
+      _fail("layer_decay", "be 1 unless the caller gives the model's layer ids (lr_layers)",
+            c.layer_decay)
+    groups = optax.chain(groups, _scale_by_layer(v["layer_decay"], *lr_layers))
   trainable = groups
   if v["grad_clip_norm"] is not None:
     # Inside the trainable branch, so frozen parameters' gradients (the model may well produce

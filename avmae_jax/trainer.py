@@ -264,13 +264,15 @@ def class_scores(logits: jax.Array, loss: str) -> jax.Array:
   return jax.nn.sigmoid(logits) if loss == "bce" else jax.nn.softmax(logits, axis=-1)
 
 
-def _classify(module, params, batch, mode, frames=None):
+def _classify(module, params, batch, mode, frames=None, dropout_key=None):
+  """Logits of `mode`; a `dropout_key` turns on the model's stochastic depth (training)."""
   audio = batch["audio"] if uses_audio(mode) else None
   if uses_video(mode):
     frames = batch["frames"] if frames is None else frames
   else:
     frames = None
-  return module.apply({"params": params}, audio, frames, mode)
+  rngs = {} if dropout_key is None else {"dropout": dropout_key}
+  return module.apply({"params": params}, audio, frames, mode, rngs=rngs)
 
 
 def _pretrain_losses(module, params, batch, key, targets=None) -> dict:
@@ -287,7 +289,7 @@ def _model_losses(module, params, batch, key, finetune: Optional[FinetuneSetting
     out = _pretrain_losses(module, params, batch, key, targets)
     names = mavil.PRETRAIN_METRICS if isinstance(module, mavil.MAViL) else PRETRAIN_METRICS
     return out["loss"], {k: out[k] for k in names}
-  logits = _classify(module, params, batch, finetune.mode)
+  logits = _classify(module, params, batch, finetune.mode, dropout_key=key)
   loss = classification_loss(logits, batch["labels"], finetune.loss).mean()
   return loss, {"loss": loss}
 
@@ -366,7 +368,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       {"optimizer": config.optimizer.to_dict(), "num_epochs": config.get("num_epochs")})
   opt_view.optimizer.frozen = list(config.optimizer.frozen) + frozen_patterns(module)
   tx, schedule = optim.make_optimizer(opt_view, abstract_params, steps_per_epoch,
-                                      config.batch_size)
+                                      config.batch_size, models.lr_layers(module))
   frozen = optim.frozen_mask(opt_view.optimizer.frozen, abstract_params)
 
   def init_state():

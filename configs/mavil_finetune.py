@@ -17,14 +17,15 @@ mode: multimodal (fusion, audio and video tokens pooled separately and concatena
 `fc_norm_a`/`head_a` or `fc_norm_v`/`head_v`); the model carries the heads its mode needs
 (`heads` multimodal or unimodal). probe=true trains the head only (LayerNorm + Linear).
 
-Recipe: the spec's fine-tuning defaults (weight decay 0.05; AdamW; cosine with warmup;
-lr = base_lr * batch / 256) with the schedules of Audio-MAE's fine-tuning (our choice: the
+Recipe: the spec's fine-tuning defaults (weight decay 0.05, drop_path 0.1 (stochastic depth
+rising linearly to the last block), layer-wise lr decay 0.75 (embeddings at 0.75^L of the
+heads' lr); AdamW; cosine with warmup; lr = base_lr * batch / 256) with the schedules of Audio-MAE's fine-tuning (our choice: the
 MAViL paper's are not in the spec): as20k batch 32, base lr 1e-3, 60 epochs, 4 warmup;
 as2m batch 512, base lr 2e-4, 100 epochs, 20 warmup, balanced sampling; vggsound batch
 256, base lr 5e-4, 60 epochs, 4 warmup, softmax cross-entropy. Mixup 0.5, label smoothing
 0.1, SpecAugment 48/192 (the pipeline's fine-tuning defaults, in MAViL's input mode).
-Not yet here (open): drop_path 0.1 and layer-wise lr decay 0.75 of the authors'
-fine-tuning code.
+probe=true turns stochastic depth off (MAE's linear probing: the frozen encoder runs as
+in evaluation).
 
 data=synthetic: the geometry, inputs and dataset of configs/mavil_pretrain.py's synthetic
 variant (so its models fit), single-label cross-entropy, `steps` steps.
@@ -52,6 +53,8 @@ RECIPES = {
     "vggsound": dict(batch=256, lr=5e-4, epochs=60, warmup=4.0, balanced=False, loss="ce",
                      data="vggsound", train_split="train"),
 }
+# The authors' fine-tuning code defaults (mavil spec).
+DROP_PATH, LAYER_DECAY = 0.1, 0.75
 DATASETS = {  # TFDS builder name (2 frames/s), held-out split, classes
     "audioset": ("avmae_audioset/fps2", "eval", 527),
     "vggsound": ("avmae_vggsound/fps2", "test", 309),
@@ -109,6 +112,7 @@ def get_config(arg=None):
   config.optimizer.warmup_epochs = recipe["warmup"]
   config.optimizer.min_lr = 1e-6  # MAE fine-tuning's floor
   config.optimizer.head_patterns = [HEAD]
+  config.optimizer.layer_decay = LAYER_DECAY
   config.optimizer.frozen = [PROBE_FROZEN] if arg.probe else []
 
   config.data = data_config.default_data_config("finetune", mode="mavil")
@@ -128,6 +132,7 @@ def get_config(arg=None):
       **models.size_fields(arg.size, kind="mavil_ft"),
       num_classes=arg.num_classes or classes,
       heads="multimodal" if arg.mode == "multimodal" else "unimodal",
+      drop_path_rate=0.0 if arg.probe else DROP_PATH,
   )
   for field in _ENCODER_FIELDS:
     config.model[field] = pretrain.model[field]

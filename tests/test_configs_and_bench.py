@@ -51,7 +51,8 @@ def test_config_builds_model(name, arg):
     data_config.validate_config(config.data)
     data_config.validate_config(config.eval_data)
     optim.make_optimizer(config, shapes, steps_per_epoch=100,
-                         global_batch_size=config.batch_size)
+                         global_batch_size=config.batch_size,
+                         lr_layers=models.lr_layers(module))
   n_params = sum(x.size for x in jax.tree.leaves(shapes))
   assert n_params > 0
   if "size=base" in arg and config.model.kind == "cav_mae":
@@ -95,6 +96,17 @@ def test_mavil_pretraining_config_follows_the_spec():
     config_args.load_config(os.path.join(ROOT, "configs", "mavil_pretrain.py:stage=3"))
   with pytest.raises(ValueError, match="add stage=2"):
     config_args.load_config(os.path.join(ROOT, "configs", "mavil_pretrain.py:teacher=R0"))
+
+
+def test_mavil_finetuning_config_follows_the_spec():
+  """The authors' fine-tuning defaults: weight decay 0.05, drop_path 0.1, layer decay 0.75
+  (no stochastic depth when linear probing)."""
+  path = os.path.join(ROOT, "configs", "mavil_finetune.py")
+  config = config_args.load_config(path + ":recipe=as20k")
+  assert (config.optimizer.weight_decay, config.model.drop_path_rate,
+          config.optimizer.layer_decay) == (0.05, 0.1, 0.75)
+  probe = config_args.load_config(path + ":recipe=vggsound,probe=true")
+  assert probe.model.drop_path_rate == 0.0 and probe.optimizer.frozen
 
 
 # (loss, batch, lr, head multiplier, lr halving start, epochs, WA epochs, balanced sampling)

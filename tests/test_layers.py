@@ -178,3 +178,31 @@ def test_contrastive_groups_are_independent_chunks():
   assert abs(float(whole) - float(nce)) > 1e-3  # more negatives: a different loss
   with pytest.raises(ValueError, match="contrastive_groups=3"):
     losses.contrastive_loss(a, v, 0.05, groups=3)
+
+
+def test_drop_path_skips_whole_branches_per_sample():
+  """Stochastic depth: each sample keeps or skips each residual branch (kept ones scaled by
+  1/(1-p)); off without a "dropout" rng."""
+  p, batch = 0.5, 256
+  block = layers.Block(16, 2, modality_norms=False, drop_path=p)
+  x = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (1, 3, 16)), (batch, 3, 16))
+  params = block.init(jax.random.key(1), x)
+  plain = layers.Block(16, 2, modality_norms=False).apply(params, x)
+  np.testing.assert_array_equal(block.apply(params, x), plain)
+
+  bound = block.bind(params)
+  attn = bound.attn(bound.norm1(x[:1]))
+  candidates = []
+  for keep_attn in (0, 1):
+    x1 = x[:1] + keep_attn * attn / (1 - p)
+    mlp = bound.mlp(bound.norm2(x1))
+    candidates += [x1, x1 + mlp / (1 - p)]
+  out = block.apply(params, x, rngs={"dropout": jax.random.key(2)})
+  dist = np.stack([np.abs(np.asarray(out) - np.asarray(c)).max(axis=(1, 2))
+                   for c in candidates])
+  assert np.all(dist.min(axis=0) < 1e-5)  # every sample is one of the four combinations
+  counts = np.bincount(dist.argmin(axis=0), minlength=4)
+  assert np.all((counts > 30) & (counts < 100)), counts  # ~64 each (binomial sd 7)
+  with pytest.raises(ValueError, match="drop_path"):
+    layers.Block(16, 2, modality_norms=False, drop_path=1.0).apply(
+        params, x, rngs={"dropout": jax.random.key(2)})

@@ -11,8 +11,10 @@ import numpy as np
 import optax
 import pytest
 
+from avmae_jax import api
 from avmae_jax import interop
 from avmae_jax import models
+from avmae_jax import optim
 from avmae_jax.models import cav_mae
 from avmae_jax.models import flops
 from avmae_jax.models import layers
@@ -562,3 +564,62 @@ def test_bfloat16_and_remat_variants(stage1):
   rel = np.linalg.norm(f64(bf16["pred_v"]) - f64(ref["pred_v"])) / np.linalg.norm(
       f64(ref["pred_v"]))
   assert 0 < rel < 0.05
+
+
+def test_finetune_drop_path_rises_along_each_tokens_path():
+  """drop_path_rate: linear from 0 at the first ViT block to the rate at the last block a
+  token passes; audio and video blocks of one depth share a rate; unimodal heads (no
+  fusion) reach the rate at the last ViT block. Evaluation (no dropout rng) is unaffected."""
+  module = build("mavil_ft", encoder_depth=2, fusion_depth=3, drop_path_rate=0.2,
+                 num_classes=3)
+  params = init(module)
+  bound = module.bind({"params": params})
+  np.testing.assert_allclose([b.drop_path for b in bound.blocks], [0.0, 0.05])
+  np.testing.assert_allclose([b.drop_path for b in bound.blocks_v], [0.0, 0.05])
+  np.testing.assert_allclose([b.drop_path for b in bound.blocks_av], [0.1, 0.15, 0.2])
+  unimodal = build("mavil_ft", encoder_depth=2, drop_path_rate=0.2, heads="unimodal",
+                   num_classes=3).bind({"params": init(build(
+                       "mavil_ft", encoder_depth=2, heads="unimodal", num_classes=3))})
+  np.testing.assert_allclose([b.drop_path for b in unimodal.blocks], [0.0, 0.2])
+
+  audio, frames = inputs()
+  plain = build("mavil_ft", encoder_depth=2, fusion_depth=3, num_classes=3)
+  np.testing.assert_array_equal(module.apply({"params": params}, audio, frames),
+                                plain.apply({"params": params}, audio, frames))
+  dropped = module.apply({"params": params}, audio, frames,
+                         rngs={"dropout": jax.random.key(0)})
+  assert not np.allclose(dropped, plain.apply({"params": params}, audio, frames))
+  with pytest.raises(ValueError, match="drop_path_rate"):
+    build("mavil_ft", drop_path_rate=1.0, num_classes=3).init(
+        jax.random.key(0), *inputs())
+
+
+def test_lr_layers_follow_mae_layer_ids():
+  """Layer ids for layer-wise lr decay: embeddings 0, ViT block i -> i+1 in both
+  modalities, fusion block j -> depth+1+j, heads (and decoders) at the top."""
+  cav_mae_ft = models.build(dict(kind="cav_mae_ft", **models.size_fields("tiny", "cav_mae_ft"),
+                                 num_classes=3))
+  for module, depth, fusion, top in (
+      (build("mavil_ft", encoder_depth=2, fusion_depth=3, num_classes=3), 2, "blocks_av_", 6),
+      (build("mavil_ft", encoder_depth=2, heads="unimodal", num_classes=3), 2, None, 3),
+      (build("mavil", encoder_depth=2), 2, "blocks_av_", 4),
+      (cav_mae_ft, 2, "blocks_u_", 4)):
+    layer_of, num_layers = models.lr_layers(module)
+    assert num_layers == top
+    shapes = jax.eval_shape(lambda a, v, m=module: m.init(jax.random.key(0), a, v),
+                            *api.example_inputs(module, 1))["params"]
+    seen = set()
+    for path in optim.param_paths(nn.meta.unbox(shapes)):
+      name, layer = path.split("/")[0], layer_of(path)
+      index = name.rsplit("_", 1)[-1]
+      if name.startswith(("patch_embed", "pos_embed", "cls_token", "modality_")):
+        want = 0
+      elif fusion and name.startswith(fusion):
+        want = depth + int(index) + 1
+      elif name.startswith(("blocks_", "blocks_a_", "blocks_v_")) and index.isdigit():
+        want = int(index) + 1
+      else:
+        want = top
+      assert layer == want, path
+      seen.add(layer)
+    assert seen == set(range(top + 1))  # every layer has parameters

@@ -69,9 +69,10 @@ def config_with(recipe="adam_step", **fields):
   return ml_collections.ConfigDict({"optimizer": optimizer})
 
 
-def run_jax(config, params, grads, steps_per_epoch, global_batch_size=48):
+def run_jax(config, params, grads, steps_per_epoch, global_batch_size=48, lr_layers=None):
   """Parameters after every step, and schedule(step) of every step."""
-  tx, schedule = optim.make_optimizer(config, params, steps_per_epoch, global_batch_size)
+  tx, schedule = optim.make_optimizer(config, params, steps_per_epoch, global_batch_size,
+                                      lr_layers)
 
   @jax.jit
   def step(params, state, grads):
@@ -91,7 +92,8 @@ def run_jax(config, params, grads, steps_per_epoch, global_batch_size=48):
 class TorchRun:
   """The torch side: named float32 tensors, param groups by regex, one step per call."""
 
-  def __init__(self, params, frozen=(), head=(), head_mult=1.0, no_decay_1d=False):
+  def __init__(self, params, frozen=(), head=(), head_mult=1.0, no_decay_1d=False,
+               lr_scale=lambda name: 1.0):
     self.tensors = {k: torch.tensor(v, requires_grad=True) for k, v in flat(params).items()}
     self.frozen = {k for k in self.tensors if any(re.search(p, k) for p in frozen)}
     for k in self.frozen:
@@ -102,13 +104,15 @@ class TorchRun:
         continue
       is_head = any(re.search(p, k) for p in head)
       decays = not (no_decay_1d and t.ndim <= 1)
-      self.groups.setdefault((is_head, decays), []).append(t)
+      self.groups.setdefault((is_head, decays, lr_scale(k)), []).append(t)
     self.head_mult = head_mult
 
   def param_groups(self, lr, weight_decay):
-    return [{"params": ts, "lr": lr * (self.head_mult if is_head else 1.0),
+    """Groups as MAE's param_groups_lrd builds them: a fixed lr_scale per group."""
+    return [{"params": ts, "lr_scale": scale * (self.head_mult if is_head else 1.0),
+             "lr": lr * scale * (self.head_mult if is_head else 1.0),
              "weight_decay": weight_decay if decays else 0.0}
-            for (is_head, decays), ts in self.groups.items()]
+            for (is_head, decays, scale), ts in self.groups.items()]
 
   def trainable(self):
     return [t for k, t in self.tensors.items() if k not in self.frozen]
@@ -185,7 +189,7 @@ def test_adam_step_matches_torch(case):
   opt = torch.optim.Adam(ref.param_groups(lr, config.optimizer.weight_decay),
                          betas=(0.95, 0.999), eps=1e-8)
   sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(range(2, 1000, 1)), gamma=0.5)
-  base_group = next(i for i, ((is_head, _), _) in enumerate(ref.groups.items()) if not is_head)
+  base_group = next(i for i, ((is_head, *_), _) in enumerate(ref.groups.items()) if not is_head)
   clipped, tol = 0, Tolerance(params)
   for i, g in enumerate(grads):
     assert our_lrs[i] == pytest.approx(opt.param_groups[base_group]["lr"], rel=1e-6), i
@@ -272,6 +276,42 @@ def test_adamw_cosine_matches_torch():
   after, _ = run_jax(config, params, zero, spe, global_batch_size=batch)
   assert np.array_equal(after[-1]["mlp_head_1/bias"], flat(params)["mlp_head_1/bias"])
   assert not np.array_equal(after[-1]["mlp_head_1/kernel"], flat(params)["mlp_head_1/kernel"])
+
+
+def test_layer_decay_matches_torch_param_groups():
+  """MAE's layer-wise decay: torch groups with lr = schedule * lr_scale (wd included)."""
+  lr, warmup, total, spe, decay = 5e-3, 3, 12, 4, 0.5
+  layers = {"pos_embed_a": 0, "blocks_a_0": 1, "decoder_blocks_3": 2}  # the rest: top, 3
+  layer_of = lambda path: layers.get(path.split("/")[0], 3)
+  config = config_with("adamw_cosine", lr=lr, lr_scale_by_batch=False, min_lr=0.0,
+                       warmup_epochs=None, warmup_steps=warmup, total_steps=total,
+                       head_patterns=["^mlp_head_1"], head_lr_mult=10.0, layer_decay=decay)
+  params, grads = make_params(), make_grads(total)
+  ours, _ = run_jax(config, params, grads, spe, lr_layers=(layer_of, 3))
+
+  ref = TorchRun(params, head=["^mlp_head_1"], head_mult=10.0, no_decay_1d=True,
+                 lr_scale=lambda name: decay ** (3 - layer_of(name)))
+  opt = torch.optim.AdamW(ref.param_groups(lr, 0.05), betas=(0.9, 0.95), eps=1e-8)
+  tol = Tolerance(params)
+  for i, g in enumerate(grads):
+    for group in opt.param_groups:  # MAE's adjust_learning_rate: lr * lr_scale per group
+      group["lr"] = warmup_cosine(i, lr, 0.0, warmup, total) * group["lr_scale"]
+    ref.set_grads([g])
+    tol.step(opt)
+    opt.step()
+    assert_close(ours[i], ref.snapshot(), i, tol)
+  # The decay is visible: without it the embedding moves 8x further.
+  plain, _ = run_jax(config_with("adamw_cosine", lr=lr, lr_scale_by_batch=False, min_lr=0.0,
+                                 warmup_epochs=None, warmup_steps=warmup, total_steps=total),
+                     params, grads, spe)
+  start = flat(params)["pos_embed_a"]
+  moved = lambda run: np.abs(run[-1]["pos_embed_a"] - start).mean()
+  assert moved(plain) > 4 * moved(ours)
+  with pytest.raises(ValueError, match="optimizer.layer_decay"):
+    optim.make_optimizer(config, params, spe, 48)  # no layer ids given
+  with pytest.raises(ValueError, match="outside 0..3"):
+    tx, _ = optim.make_optimizer(config, params, spe, 48, (lambda path: 4, 3))
+    tx.update(grads[0], tx.init(params), params)
 
 
 def test_adamw_warmup_and_length_in_epochs():
@@ -375,6 +415,8 @@ BAD = [
     ("adamw_cosine", dict(total_steps=100, warmup_epochs=None, min_lr=1.0), "optimizer.min_lr"),
     ("adamw_cosine", dict(total_steps=100, min_lr=-1.0), "optimizer.min_lr"),
     ("adamw_cosine", dict(total_steps=100, lr_decay=0.5), "optimizer.lr_decay"),
+    ("adamw_cosine", dict(total_steps=100, layer_decay=0.0), "optimizer.layer_decay"),
+    ("adamw_cosine", dict(total_steps=100, layer_decay=1.5), "optimizer.layer_decay"),
 ]
 
 

@@ -6,7 +6,8 @@ that configs/, the PyTorch interop and the tests share them.
 """
 
 import dataclasses
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -59,6 +60,51 @@ def frozen_param_names(model: nn.Module) -> tuple[str, ...]:
   if isinstance(model, (MAViL, MAViLFT)):
     return mavil.frozen_param_names(model)
   return cav_mae.frozen_param_names(model)
+
+
+class LrLayers(NamedTuple):
+  """Depth of each parameter for layer-wise lr decay: `layer_of(path)` in 0..num_layers."""
+  layer_of: Callable[[str], int]
+  num_layers: int
+
+
+# kind family: (embeddings, modality-specific block i, fusion block j) as regexes on the
+# '/'-joined parameter path; a block's index is the regex's group 1.
+_LR_LAYER_PATTERNS = {
+    "cav_mae": (r"^(patch_embed_|pos_embed_|modality_)", r"^blocks_[av]_(\d+)/",
+                r"^blocks_u_(\d+)/"),
+    "mavil": (r"^(patch_embed|cls_token|pos_embed)", r"^blocks_(?:v_)?(\d+)/",
+              r"^blocks_av_(\d+)/"),
+}
+
+
+def lr_layers(model: nn.Module) -> LrLayers:
+  """The layer ids of MAE/BEiT's layer-wise lr decay (`param_groups_lrd`), for any kind.
+
+  Embeddings (patch projections, cls/modality tokens, position tables) are layer 0,
+  modality-specific block i (audio and video alike) is i + 1, fusion block j follows the
+  modality-specific ones, everything else (final norms, heads, decoders) is the top,
+  `num_layers`. The optimizer scales a layer's lr by decay ** (num_layers - layer).
+  """
+  family = "mavil" if isinstance(model, (MAViL, MAViLFT)) else "cav_mae"
+  if family == "mavil":
+    depth = model.encoder_depth
+    fusion = 0 if getattr(model, "heads", None) == "unimodal" else model.fusion_depth
+  else:
+    depth, fusion = model.modality_specific_depth, model.shared_depth
+  embeddings, block, fusion_block = (re.compile(p) for p in _LR_LAYER_PATTERNS[family])
+  top = depth + fusion + 1
+
+  def layer_of(path: str) -> int:
+    if embeddings.search(path):
+      return 0
+    if match := block.search(path):
+      return int(match.group(1)) + 1
+    if match := fusion_block.search(path):
+      return depth + int(match.group(1)) + 1
+    return top
+
+  return LrLayers(layer_of, top)
 
 
 def build(config: Mapping[str, Any]) -> nn.Module:

@@ -257,6 +257,11 @@ class Block(nn.Module):
   checkpoints carry them and export must write every tensor the reference has.
   `modality_norms=False` gives the plain timm ViT block (norm1, attn, norm2, mlp only),
   which MAViL uses.
+
+  `drop_path` > 0 is stochastic depth (timm's DropPath): in training each sample skips
+  the attention and MLP branches with that probability, survivors scaled by 1/(1 - p).
+  It is on exactly when the caller gives a "dropout" rng (the fine-tuning train step
+  does; evaluation, feature extraction and export do not), so no flag is threaded.
   """
   dim: int
   num_heads: int
@@ -264,6 +269,7 @@ class Block(nn.Module):
   norm_eps: float = TORCH_LAYERNORM_EPS
   dtype: Dtype = jnp.float32
   modality_norms: bool = True
+  drop_path: float = 0.0
 
   def setup(self):
     self.norm1 = layer_norm("norm1", self.norm_eps)
@@ -287,6 +293,17 @@ class Block(nn.Module):
       for pair in norms.values():  # create all six norms (see class docstring)
         pair[0](x), pair[1](x)
     n1, n2 = norms[modality]
-    x = x + self.attn(n1(x).astype(self.dtype))
-    x = x + self.mlp(n2(x).astype(self.dtype))
+    x = x + self.drop_branch(self.attn(n1(x).astype(self.dtype)))
+    x = x + self.drop_branch(self.mlp(n2(x).astype(self.dtype)))
     return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+  def drop_branch(self, branch: jax.Array) -> jax.Array:
+    """Stochastic depth on a residual branch [B, ...] (identity without a "dropout" rng)."""
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+    if self.drop_path == 0.0 or not self.has_rng("dropout"):
+      return branch
+    keep = 1.0 - self.drop_path
+    shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+    kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return branch * (kept / keep).astype(branch.dtype)

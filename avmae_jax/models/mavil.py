@@ -28,6 +28,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from avmae_jax.models import layers
 from avmae_jax.models import losses
@@ -101,12 +102,12 @@ class _Encoder(nn.Module):
       raise ValueError(f"embed_dim={self.embed_dim} must be a multiple of 16 "
                        "(3-D sin-cos positions: a quarter for time, 3/8 per spatial axis)")
 
-  def _block(self, dim, heads, name):
+  def _block(self, dim, heads, name, drop_path: float = 0.0):
     # Rematerialise blocks (recompute activations in the backward pass) to trade compute
     # for memory. MAViL's blocks take no modality argument, so nothing is static.
     cls = nn.remat(layers.Block) if self.remat else layers.Block
     return cls(dim, heads, self.mlp_ratio, self.norm_eps, self.dtype, modality_norms=False,
-               name=name)
+               drop_path=drop_path, name=name)
 
   def pos_table(self, name: str, width: int, axis: str, video: bool):
     """A [1, 1 + L, width] fixed sin-cos position parameter with a zero cls row first."""
@@ -120,23 +121,29 @@ class _Encoder(nn.Module):
                                         (None, "length", axis))
     return self.param(name, init, (1, 1 + length, width))
 
-  def setup_encoder(self, with_fusion: bool = True):
+  def setup_encoder(self, with_fusion: bool = True, drop_path_rate: float = 0.0):
+    """Creates the encoder; stochastic depth rises linearly from 0 at the first block to
+    `drop_path_rate` at the last block a token passes (the last fusion block, or the last
+    ViT block without fusion), timm's per-depth rule over each modality's path."""
     self.check_geometry()
     d, p = self.embed_dim, self.patch_size
+    depth = self.encoder_depth + (self.fusion_depth if with_fusion else 0)
+    rates = [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]
     token = nn.with_logical_partitioning(layers.token_init(), (None, None, "embed"))
     self.patch_embed = layers.PatchEmbed(d, p, self.dtype)
     self.cls_token = self.param("cls_token", token, (1, 1, d))
     self.pos_embed = self.pos_table("pos_embed", d, "embed", video=False)
-    self.blocks = [self._block(d, self.num_heads, f"blocks_{i}")
+    self.blocks = [self._block(d, self.num_heads, f"blocks_{i}", rates[i])
                    for i in range(self.encoder_depth)]
     self.patch_embed_v = layers.PatchEmbed3D(d, self.tubelet_size, p, self.dtype)
     self.cls_token_v = self.param("cls_token_v", token, (1, 1, d))
     self.pos_embed_v = self.pos_table("pos_embed_v", d, "embed", video=True)
-    self.blocks_v = [self._block(d, self.num_heads, f"blocks_v_{i}")
+    self.blocks_v = [self._block(d, self.num_heads, f"blocks_v_{i}", rates[i])
                      for i in range(self.encoder_depth)]
     if with_fusion:
-      self.blocks_av = [self._block(d, self.num_heads, f"blocks_av_{i}")
-                        for i in range(self.fusion_depth)]
+      self.blocks_av = [
+          self._block(d, self.num_heads, f"blocks_av_{i}", rates[self.encoder_depth + i])
+          for i in range(self.fusion_depth)]
 
   def _pos(self, table: jax.Array) -> jax.Array:
     return table if self.trainable_pos_embed else jax.lax.stop_gradient(table)
@@ -441,11 +448,16 @@ class MAViLFT(_Encoder):
   num_classes: int = 527
   heads: str = "multimodal"
   fusion_depth: int = 3
+  # Stochastic depth in training (see setup_encoder; on when apply gets a "dropout" rng).
+  drop_path_rate: float = 0.0
 
   def setup(self):
     if self.heads not in FT_HEADS:
       raise ValueError(f"heads must be one of {FT_HEADS}, got {self.heads!r}")
-    self.setup_encoder(with_fusion=self.heads != "unimodal")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+    self.setup_encoder(with_fusion=self.heads != "unimodal",
+                       drop_path_rate=self.drop_path_rate)
     c = self.num_classes
     if self.heads in ("multimodal", "all"):
       self.fc_norm_av = layers.layer_norm("fc_norm_av", self.norm_eps)
