@@ -43,3 +43,46 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def check_choice(name: str, value, choices):
+  """Returns `value` if it is one of `choices`, else raises a ValueError naming `name`."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+  return value
+
+
+def training_run(batch_size: int, num_epochs: int, eval_every: int,
+                 init_from: str = "") -> ml_collections.ConfigDict:
+  """The run-level fields every training config starts from (the rest is added per config).
+
+  eval_every: steps between evaluations; -1: at the end of every epoch; 0: never.
+  init_from: a model checkpoint directory, training workdir or `.pth` to start from.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = batch_size  # global
+  config.num_epochs = num_epochs
+  config.total_steps = -1  # -1: num_epochs x steps per epoch of the training split
+  config.log_every = 100
+  config.checkpoint_every = 2000
+  config.keep_checkpoints = 3
+  config.eval_every = eval_every
+  config.init_from = init_from
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  return config
+
+
+def short_run(config: ml_collections.ConfigDict, steps: int, warmup_steps: int,
+              lr: float) -> None:
+  """Turns `config` into a short CPU run of `steps` steps at batch 32 (demos, synthetic
+  variants): evaluation at the end, lr fixed (not scaled by the small batch), warmup and
+  cosine length in steps."""
+  config.batch_size = 32
+  config.total_steps = steps
+  config.eval_every = steps
+  config.optimizer.lr = lr
+  config.optimizer.lr_scale_by_batch = False
+  config.optimizer.warmup_epochs = None
+  config.optimizer.warmup_steps = warmup_steps
+  config.optimizer.total_steps = steps

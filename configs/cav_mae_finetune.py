@@ -20,8 +20,6 @@ probe=true: linear probing, the reference's freeze_base: only the head (LayerNor
 trains; the encoder stays bit-identical.
 """
 
-import ml_collections
-
 from avmae_jax import config_args
 from avmae_jax import models
 from avmae_jax import optim
@@ -56,27 +54,14 @@ def get_config(arg=None):
   arg = config_args.parse_arg(arg, recipe="as20k", mode="multimodal", size="base",
                               probe=False, data="", num_classes=0, init_from="",
                               data_dir="~/tensorflow_datasets")
-  if arg.recipe not in RECIPES:
-    raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {arg.recipe!r}")
-  if arg.mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {arg.mode!r}")
-  recipe = RECIPES[arg.recipe]
-  data = arg.data or recipe["data"]
-  if data not in DATASETS:
-    raise ValueError(f"data must be one of {sorted(DATASETS)}, got {data!r}")
+  recipe = RECIPES[config_args.check_choice("recipe", arg.recipe, RECIPES)]
+  config_args.check_choice("mode", arg.mode, MODES)
+  data = config_args.check_choice("data", arg.data or recipe["data"], DATASETS)
   name, eval_split, classes = DATASETS[data]
 
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = recipe["batch"]  # global
-  config.num_epochs = recipe["epochs"]
-  config.total_steps = -1  # -1: num_epochs x steps per epoch of the training split
-  config.log_every = 100
-  config.checkpoint_every = 2000
-  config.keep_checkpoints = 3
-  config.eval_every = -1  # -1: at the end of every epoch (as the reference); 0: never
-  config.init_from = arg.init_from
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # eval_every -1: at the end of every epoch (as the reference)
+  config = config_args.training_run(recipe["batch"], recipe["epochs"], eval_every=-1,
+                                    init_from=arg.init_from)
 
   config.mode = arg.mode
   config.eval_modes = []  # more modes to evaluate, e.g. ["missingvideoonly"]

@@ -11,8 +11,6 @@ The reference trained on 4 GPUs with per-GPU negatives; `--config.model.contrast
 reproduces that exactly (the default contrasts over the whole global batch).
 """
 
-import ml_collections
-
 from avmae_jax import config_args
 from avmae_jax import models
 from avmae_jax import optim
@@ -35,22 +33,11 @@ DATASETS = {  # TFDS builder names (prepared with `python -m avmae_jax.prepare`)
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, size="base", recipe="base", data="audioset",
                               data_dir="~/tensorflow_datasets")
-  if arg.recipe not in RECIPES:
-    raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {arg.recipe!r}")
-  if arg.data not in DATASETS:
-    raise ValueError(f"data must be one of {sorted(DATASETS)}, got {arg.data!r}")
+  config_args.check_choice("recipe", arg.recipe, RECIPES)
+  config_args.check_choice("data", arg.data, DATASETS)
   batch, lr, epochs = RECIPES[arg.recipe]
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = batch  # global
-  config.num_epochs = epochs
-  config.total_steps = -1  # -1: num_epochs x steps per epoch of the training split
-  config.log_every = 100
-  config.checkpoint_every = 2000
-  config.keep_checkpoints = 3
-  config.eval_every = 10000  # 0 = never
-  config.init_from = ""  # model checkpoint dir or .pth (e.g. `export --imagenet_mae` output)
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # init_from: e.g. the `export --imagenet_mae` output
+  config = config_args.training_run(batch, epochs, eval_every=10000)
 
   config.optimizer = optim.default_optimizer_config()
   config.optimizer.lr = lr

@@ -19,11 +19,8 @@ def get_config(arg=None):
   arg = config_args.parse_arg(arg, data_dir="~/tensorflow_datasets", steps=600)
   config = config_args.load_config(
       f"{_PRETRAIN}:size=tiny,data=synthetic,data_dir={arg.data_dir}")
-  config.batch_size = 32
-  config.total_steps = arg.steps
   config.log_every = 50
   config.checkpoint_every = 200
-  config.eval_every = arg.steps
   config.eval_data.batch_size = 64
   # Quarter-size inputs (the first 2.56 s of log-mel, frames at 112 px) make a step about
   # four times cheaper, so the demo takes enough steps within its few CPU minutes.
@@ -41,10 +38,6 @@ def get_config(arg=None):
   config.model.bidirect_contrast = True
   config.model.contrast_temperature = 0.1
   config.optimizer = optim.default_optimizer_config("adamw_cosine")
-  config.optimizer.lr = 5e-4
-  config.optimizer.lr_scale_by_batch = False
-  config.optimizer.warmup_steps = min(40, arg.steps // 4)
-  config.optimizer.warmup_epochs = None
-  config.optimizer.total_steps = arg.steps
+  config_args.short_run(config, arg.steps, warmup_steps=min(40, arg.steps // 4), lr=5e-4)
   config.data.shuffle_buffer = 512
   return config

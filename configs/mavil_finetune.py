@@ -33,7 +33,6 @@ variant (so its models fit), single-label cross-entropy, `steps` steps.
 
 import os
 
-import ml_collections
 
 from avmae_jax import config_args
 from avmae_jax import models
@@ -72,31 +71,18 @@ def get_config(arg=None):
   arg = config_args.parse_arg(arg, recipe="as20k", mode="multimodal", size="base",
                               probe=False, data="", num_classes=0, init_from="", steps=200,
                               data_dir="~/tensorflow_datasets")
-  if arg.recipe not in RECIPES:
-    raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {arg.recipe!r}")
-  if arg.mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {arg.mode!r}")
-  recipe = RECIPES[arg.recipe]
-  data = arg.data or recipe["data"]
-  if data not in DATASETS:
-    raise ValueError(f"data must be one of {sorted(DATASETS)}, got {data!r}")
+  recipe = RECIPES[config_args.check_choice("recipe", arg.recipe, RECIPES)]
+  config_args.check_choice("mode", arg.mode, MODES)
+  data = config_args.check_choice("data", arg.data or recipe["data"], DATASETS)
   name, eval_split, classes = DATASETS[data]
   # The pretraining config of the same size and data: its encoder and inputs.
   pretrain = config_args.load_config(
       os.path.join(_HERE, "mavil_pretrain.py")
       + f":size={arg.size},data={data},data_dir={arg.data_dir}")
 
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = recipe["batch"]  # global
-  config.num_epochs = recipe["epochs"]
-  config.total_steps = -1  # -1: num_epochs x steps per epoch of the training split
-  config.log_every = 100
-  config.checkpoint_every = 2000
-  config.keep_checkpoints = 3
-  config.eval_every = -1  # -1: at the end of every epoch; 0: never
-  config.init_from = arg.init_from
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # eval_every -1: at the end of every epoch (as the reference)
+  config = config_args.training_run(recipe["batch"], recipe["epochs"], eval_every=-1,
+                                    init_from=arg.init_from)
 
   config.mode = arg.mode
   config.eval_modes = []  # more modes to evaluate (the model must have their heads)
@@ -141,21 +127,15 @@ def get_config(arg=None):
     config.synthetic = pretrain.synthetic.to_dict()
     config.model.num_classes = arg.num_classes or pretrain.synthetic.num_classes
     config.loss = "ce"  # one class per synthetic clip: softmax, accuracy
-    config.batch_size = 32
-    config.total_steps = arg.steps
+    config_args.short_run(config, arg.steps, warmup_steps=min(20, arg.steps // 5),
+                          lr=1e-3 if arg.probe else 5e-4)
     config.log_every = 25
     config.checkpoint_every = 1000
     config.keep_checkpoints = 1
-    config.eval_every = arg.steps
     config.data.shuffle_buffer = pretrain.synthetic.num_train
     config.data.balanced_sampling = False
     config.data.mixup = 0.0  # slows a run this short down a lot
     # SpecAugment's time mask scaled to the shorter spectrogram (192 of 1024 frames).
     config.data.timem = config.data.target_length * 192 // 1024
-    config.optimizer.lr = 1e-3 if arg.probe else 5e-4
-    config.optimizer.lr_scale_by_batch = False
     config.optimizer.min_lr = 0.0
-    config.optimizer.warmup_epochs = None
-    config.optimizer.warmup_steps = min(20, arg.steps // 5)
-    config.optimizer.total_steps = arg.steps
   return config

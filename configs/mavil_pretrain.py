@@ -35,8 +35,6 @@ for 1/32) through a 400-step run from scratch, so neither retrieval nor the stag
 gets a cross-modal signal; at 1.0 it reaches 0.22 (measured, tiny, 400 steps).
 """
 
-import ml_collections
-
 from avmae_jax import config_args
 from avmae_jax import models
 from avmae_jax import optim
@@ -58,25 +56,14 @@ SMALL_CONTRAST_WEIGHT = 1.0
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, size="base", data="audioset", stage=1, teacher="",
                               steps=400, data_dir="~/tensorflow_datasets")
-  if arg.data not in DATASETS:
-    raise ValueError(f"data must be one of {sorted(DATASETS)}, got {arg.data!r}")
-  if arg.stage not in STAGES:
-    raise ValueError(f"stage must be one of {STAGES}, got {arg.stage!r}")
+  config_args.check_choice("data", arg.data, DATASETS)
+  config_args.check_choice("stage", arg.stage, STAGES)
   if arg.teacher and arg.stage != 2:
     raise ValueError("teacher is the stage-2 teacher; add stage=2")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = BATCH  # global
-  config.num_epochs = EPOCHS
-  config.total_steps = -1  # -1: num_epochs x steps per epoch of the training split
-  config.log_every = 100
-  config.checkpoint_every = 2000
-  config.keep_checkpoints = 3
-  config.eval_every = 10000  # 0 = never
-  config.init_from = ""  # a model checkpoint dir or MAViL .pth (stage 2: keep it empty)
+  # init_from: a model checkpoint dir or MAViL .pth (stage 2: keep it empty)
+  config = config_args.training_run(BATCH, EPOCHS, eval_every=10000)
   # Stage 2: the teacher's training workdir or model directory (required there).
   config.teacher = arg.teacher
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
 
   config.optimizer = optim.default_optimizer_config("adamw_cosine")
   config.optimizer.lr = BASE_LR  # per 256 clips: lr_scale_by_batch
@@ -122,16 +109,8 @@ def get_config(arg=None):
       section.frame_resize = SMALL_IMAGE
     config.model.inter_contrast_weight = SMALL_CONTRAST_WEIGHT
     config.model.intra_contrast_weight = SMALL_CONTRAST_WEIGHT
-    config.batch_size = 32
-    config.total_steps = arg.steps
+    config_args.short_run(config, arg.steps, warmup_steps=min(40, arg.steps // 4), lr=5e-4)
     config.log_every = 50
     config.checkpoint_every = 200
-    config.eval_every = arg.steps
     config.data.shuffle_buffer = 512
-    # A short run: lr fixed (not scaled by the small batch), warmup and cosine in steps.
-    config.optimizer.lr = 5e-4
-    config.optimizer.lr_scale_by_batch = False
-    config.optimizer.warmup_epochs = None
-    config.optimizer.warmup_steps = min(40, arg.steps // 4)
-    config.optimizer.total_steps = arg.steps
   return config

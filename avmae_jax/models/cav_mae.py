@@ -10,7 +10,7 @@ parameters in both models: frozen by `stop_gradient` when `trainable_pos_embed` 
 (the optimizer must also leave them alone; `frozen_param_names` lists them).
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -24,22 +24,10 @@ FT_MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missing
 POS_EMBED_NAMES = ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v")
 
 
-class _Encoder(nn.Module):
+class _Encoder(layers.TwoTowerEncoder):
   """Patch embeddings, modality-specific and shared blocks, the three final norms."""
-  img_size: int = 224
-  audio_length: int = 1024
-  num_mel_bins: int = 128
-  patch_size: int = 16
-  in_chans: int = 3
-  embed_dim: int = 768
   modality_specific_depth: int = 11
   shared_depth: int = 1
-  num_heads: int = 12
-  mlp_ratio: float = 4.0
-  norm_eps: float = layers.TORCH_LAYERNORM_EPS
-  trainable_pos_embed: bool = False
-  remat: bool = False
-  dtype: Any = jnp.float32
 
   @property
   def audio_grid(self) -> tuple[int, int]:
@@ -49,10 +37,6 @@ class _Encoder(nn.Module):
   @property
   def video_grid(self) -> tuple[int, int]:
     return self.img_size // self.patch_size, self.img_size // self.patch_size
-
-  @property
-  def num_audio_tokens(self) -> int:
-    return self.audio_grid[0] * self.audio_grid[1]
 
   @property
   def num_video_tokens(self) -> int:
@@ -87,14 +71,8 @@ class _Encoder(nn.Module):
     init = nn.with_logical_partitioning(layers.sincos_init(*grid), (None, "length", axis))
     return self.param(name, init, (1, grid[0] * grid[1], width))
 
-  def _pos(self, table: jax.Array) -> jax.Array:
-    return table if self.trainable_pos_embed else jax.lax.stop_gradient(table)
-
   def check_inputs(self, audio: Optional[jax.Array], frames: Optional[jax.Array]):
-    want_a = (self.audio_length, self.num_mel_bins)
-    if audio is not None and (audio.ndim != 3 or audio.shape[1:] != want_a):
-      raise ValueError(f"audio must be [batch, {want_a[0]}, {want_a[1]}] (time, mel bins), "
-                       f"got {tuple(audio.shape)}")
+    self.check_audio(audio)
     want_v = (self.img_size, self.img_size, self.in_chans)
     if frames is not None and (frames.ndim != 4 or frames.shape[1:] != want_v):
       raise ValueError(f"frames must be [batch, {want_v[0]}, {want_v[1]}, {want_v[2]}] (NHWC), "

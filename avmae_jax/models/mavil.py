@@ -45,24 +45,13 @@ ENCODER_POS_EMBED_NAMES = ("pos_embed", "pos_embed_v")
 DECODER_POS_EMBED_NAMES = ("decoder_pos_embed", "decoder_pos_embed_v")
 
 
-class _Encoder(nn.Module):
+class _Encoder(layers.TwoTowerEncoder):
   """Patch embeddings, cls tokens, position tables, per-modality ViTs and the fusion blocks."""
-  img_size: int = 224
   num_frames: int = 8
   tubelet_size: int = 2
-  audio_length: int = 1024
-  num_mel_bins: int = 128
-  patch_size: int = 16
-  in_chans: int = 3
-  embed_dim: int = 768
   encoder_depth: int = 12
-  num_heads: int = 12
   fusion_depth: int = 2
-  mlp_ratio: float = 4.0
-  norm_eps: float = 1e-6
-  trainable_pos_embed: bool = False
-  remat: bool = False
-  dtype: Any = jnp.float32
+  norm_eps: float = 1e-6  # timm's ViT
 
   @property
   def audio_grid(self) -> tuple[int, int]:
@@ -74,10 +63,6 @@ class _Encoder(nn.Module):
     """Token grid (time, rows, columns) of the clip."""
     side = self.img_size // self.patch_size
     return self.num_frames // self.tubelet_size, side, side
-
-  @property
-  def num_audio_tokens(self) -> int:
-    return self.audio_grid[0] * self.audio_grid[1]
 
   @property
   def num_video_tokens(self) -> int:
@@ -145,14 +130,8 @@ class _Encoder(nn.Module):
           self._block(d, self.num_heads, f"blocks_av_{i}", rates[self.encoder_depth + i])
           for i in range(self.fusion_depth)]
 
-  def _pos(self, table: jax.Array) -> jax.Array:
-    return table if self.trainable_pos_embed else jax.lax.stop_gradient(table)
-
   def check_inputs(self, audio: Optional[jax.Array], frames: Optional[jax.Array]):
-    want_a = (self.audio_length, self.num_mel_bins)
-    if audio is not None and (audio.ndim != 3 or audio.shape[1:] != want_a):
-      raise ValueError(f"audio must be [batch, {want_a[0]}, {want_a[1]}] (time, mel bins), "
-                       f"got {tuple(audio.shape)}")
+    self.check_audio(audio)
     want_v = (self.num_frames, self.img_size, self.img_size, self.in_chans)
     if frames is not None and (frames.ndim != 5 or frames.shape[1:] != want_v):
       raise ValueError(f"frames must be [batch, {', '.join(map(str, want_v))}] "
