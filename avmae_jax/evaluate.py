@@ -32,18 +32,17 @@ file runs as a script, so that importing it defines none.
 
 import json
 import os
-import sys
 from typing import Any, Iterable, Mapping, Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
 from avmae_jax import api
 from avmae_jax import checkpoint
+from avmae_jax import cli
 from avmae_jax import metrics as metrics_lib
 from avmae_jax.models import cav_mae
 
@@ -333,15 +332,14 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 def _define_flags() -> None:
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:args]; its eval_data "
-                                  "section is the evaluation data.", lock_config=False)
+  # --config, --checkpoint and --step, as inpaint.py and extract.py define them (cli.py)
+  cli.define_model_flags(
+      "configs/FILE.py[:args]; its eval_data section is the evaluation data.",
+      "A model directory, training workdir or reference .pth to evaluate instead of the "
+      "workdir's latest checkpoint.", checkpoint_default="")
   flags.DEFINE_string("workdir", None, "Results go here; also the model, when --checkpoint "
                       "is not given (the latest training checkpoint).")
   flags.DEFINE_enum("task", None, list(TASKS), "What to evaluate.")
-  flags.DEFINE_string("checkpoint", "", "A model directory, training workdir or reference "
-                      ".pth to evaluate instead of the workdir's latest checkpoint.")
-  flags.DEFINE_integer("step", None, "A training checkpoint step instead of the latest.")
   flags.DEFINE_enum("mode", None, list(cav_mae.FT_MODES), "classify: which inputs the "
                     "fine-tuned model sees (default config.mode, else multimodal).")
   flags.DEFINE_enum("activation", "auto", list(ACTIVATIONS), "classify: sigmoid (multi-"
@@ -353,17 +351,9 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  f = flags.FLAGS
-  try:
+  with cli.command(argv, EvaluationError) as f:
     results = run(f.config, f.workdir, f.task, f.checkpoint, f.step, f.mode or "",
                   f.activation, f.average_frames)
-  except (EvaluationError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   print(format_table(results))
 
 

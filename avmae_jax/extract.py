@@ -21,17 +21,16 @@ is dropped, so every clip appears exactly once. The arrays load with plain `np.l
 
 import json
 import os
-import sys
 from typing import Any, Iterable, Mapping, Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
 from avmae_jax import api
+from avmae_jax import cli
 from avmae_jax import evaluate
 
 DTYPES = ("float32", "float16")
@@ -146,36 +145,24 @@ def run(config: ml_collections.ConfigDict, checkpoint_path: str, out: str,
 
 
 def _define_flags() -> None:
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:args]; clips come from "
-                                  "its eval_data section.", lock_config=False)
-  flags.DEFINE_string("checkpoint", None, "Model directory, training workdir or reference "
-                      ".pth.")
+  cli.define_model_flags("configs/FILE.py[:args]; clips come from its eval_data section.",
+                         "Model directory, training workdir or reference .pth.")
   flags.DEFINE_string("out", None, "Directory for the .npz shards and index.json.")
   flags.DEFINE_bool("pooled", None, "Mean-pooled [D] vectors per clip (the default).")
   flags.DEFINE_bool("tokens", None, "Whole token sequences [L, D] per clip instead.")
   flags.DEFINE_integer("shard_size", 1024, "Clips per .npz shard.")
   flags.DEFINE_string("split", "", "Dataset split (default config.eval_data.split).")
   flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Stored feature dtype.")
-  flags.DEFINE_integer("step", None, "A training checkpoint step instead of the latest.")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  f = flags.FLAGS
-  if f.pooled and f.tokens:
-    raise app.UsageError("--pooled and --tokens exclude each other")
-  pooled = not (f.tokens or f.pooled is False)
-  try:
+  with cli.command(argv, ExtractError, evaluate.EvaluationError) as f:
+    if f.pooled and f.tokens:
+      raise app.UsageError("--pooled and --tokens exclude each other")
+    pooled = not (f.tokens or f.pooled is False)
     index = run(f.config, f.checkpoint, f.out, pooled, f.shard_size, f.split, f.dtype,
                 f.step)
-  except (ExtractError, evaluate.EvaluationError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   print(f"{index['num_clips']} clips of split {index['split']!r} by {index['model']}: "
         f"{len(index['shards'])} shard(s) in {f.out}; audio {index['shapes']['audio']}, "
         f"video {index['shapes']['video']} ({'pooled' if pooled else 'tokens'})")

@@ -26,19 +26,18 @@ import functools
 import json
 import os
 import re
-import sys
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from avmae_jax import api
+from avmae_jax import cli
 from avmae_jax import evaluate
 from avmae_jax.models import losses
 
@@ -239,31 +238,20 @@ def run(config: ml_collections.ConfigDict, checkpoint_path: str, out: str, num: 
 
 
 def _define_flags() -> None:
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:args]; clips come from "
-                                  "its eval_data section.", lock_config=False)
-  flags.DEFINE_string("checkpoint", None, "A pretraining model: model directory, training "
-                      "workdir or reference .pth.")
+  cli.define_model_flags("configs/FILE.py[:args]; clips come from its eval_data section.",
+                         "A pretraining model: model directory, training workdir or "
+                         "reference .pth.")
   flags.DEFINE_string("out", None, "Directory for the PNGs and inpaint.json.")
   flags.DEFINE_integer("num", 4, "How many clips to draw.")
   flags.DEFINE_float("mask_ratio", 0.75, "Fraction of patches removed, audio and video.")
   flags.DEFINE_integer("seed", 0, "Seed of the masks.")
-  flags.DEFINE_integer("step", None, "A training checkpoint step instead of the latest.")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-  f = flags.FLAGS
-  try:
+  with cli.command(argv, InpaintError, evaluate.EvaluationError) as f:
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     records = run(f.config, f.checkpoint, f.out, f.num, f.mask_ratio, f.seed, f.step)
-  except (InpaintError, evaluate.EvaluationError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   for r in records:
     print(f"  {r['frame']}  {r['spectrogram']}  masked-patch MSE audio "
           f"{r['mse_masked_audio']:.4f}, frame {r['mse_masked_frame']:.4f}")

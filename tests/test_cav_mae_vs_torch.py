@@ -3,6 +3,9 @@
 Both sides get the same random weights (the port's init, perturbed so that no norm or
 bias is trivially 1 or 0) and the same masking noise. Acceptance: relative L2 error
 <= 1e-5 in float32 for forward_feat, the five fine-tuning modes and the pretraining losses.
+The numerics run the base widths and depths on the demo's shorter inputs (2.56 s of
+log-mel: 8 x 16 patches; 112 px frames: 7 x 7), a quarter of the real sequence lengths;
+the real input size's layout (1024 x 128 audio, 224 px frames) is checked on shapes.
 """
 
 import numpy as np
@@ -18,25 +21,15 @@ from avmae_jax import interop
 from avmae_jax import models
 from avmae_jax import torch_port
 from avmae_jax.models import cav_mae
+from tests._helpers import perturbed_state_dict
+from tests._helpers import rel_err
 
 RTOL = 1e-5
 BATCH = 2
+GEOMETRY = dict(audio_length=256, img_size=112)  # the numerics' inputs (the demo's)
 
 
-def rel_err(out, ref):
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
-
-
-def perturbed_state_dict(module, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(0.02 * torch.randn(p.shape, generator=gen))
-  return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def random_inputs(seed, audio_length=1024, img_size=224):
+def random_inputs(seed, audio_length=GEOMETRY["audio_length"], img_size=GEOMETRY["img_size"]):
   rng = np.random.default_rng(seed)
   audio = rng.standard_normal((BATCH, audio_length, 128)).astype(np.float32)
   frames = rng.standard_normal((BATCH, img_size, img_size, 3)).astype(np.float32)
@@ -50,7 +43,7 @@ def to_nchw(frames):
 @pytest.fixture(scope="module")
 def pretrain_pair():
   torch.manual_seed(0)
-  ref = torch_port.CAVMAE(norm_pix_loss=True).eval()
+  ref = torch_port.CAVMAE(norm_pix_loss=True, **GEOMETRY).eval()
   state_dict = perturbed_state_dict(ref, 1)
   return ref, state_dict, api.from_state_dict(state_dict)
 
@@ -58,18 +51,38 @@ def pretrain_pair():
 @pytest.fixture(scope="module")
 def finetune_pair():
   torch.manual_seed(2)
-  ref = torch_port.CAVMAEFT(num_classes=527).eval()
+  ref = torch_port.CAVMAEFT(num_classes=527, **GEOMETRY).eval()
   state_dict = perturbed_state_dict(ref, 3)
   return ref, state_dict, api.from_state_dict(state_dict)
 
 
 def test_base_sizes_match_reference(pretrain_pair, finetune_pair):
-  _, _, model = pretrain_pair
-  exported = model.state_dict()
-  assert len(exported) == 647
-  assert sum(v.size for v in exported.values()) == 191_036_160
-  ft_exported = finetune_pair[2].state_dict()
-  assert sum(v.size for v in ft_exported.values()) == 164_907_023
+  # the test models: base widths and depths, inferred from the port's state dicts
+  for pair, kind in ((pretrain_pair, "cav_mae"), (finetune_pair, "cav_mae_ft")):
+    _, state_dict, model = pair
+    assert model.kind == kind
+    assert (model.module.audio_length, model.module.img_size) == (256, 112)
+    for key, value in models.size_fields("base", kind).items():
+      assert getattr(model.module, key) == value, key
+    exported = model.state_dict()
+    assert {k: v.shape for k, v in exported.items()} == {
+        k: v.shape for k, v in state_dict.items()}
+  # the real input size, on shapes (the port on torch's meta device): the port's layout and
+  # parameter count, the config inferred from it, the Flax model's layout in its names
+  for kind, num_tensors, num_values in (("cav_mae", 647, 191_036_160),
+                                        ("cav_mae_ft", 478, 164_907_023)):
+    with torch.device("meta"):
+      port = (torch_port.CAVMAE() if kind == "cav_mae"
+              else torch_port.CAVMAEFT(num_classes=527))
+    shapes = {k: tuple(v.shape) for k, v in port.state_dict().items()}
+    assert len(shapes) == num_tensors
+    assert sum(int(np.prod(s)) for s in shapes.values()) == num_values
+    config = interop.infer_model_config(port.state_dict())
+    assert config["kind"] == kind
+    assert (config["audio_length"], config["img_size"]) == (1024, 224)
+    for key, value in models.size_fields("base", kind).items():
+      assert config[key] == value, key
+    assert interop.torch_shapes(api.abstract_params(models.build(config))) == shapes
 
 
 def test_export_reimport_is_bit_exact_and_loads_strict(pretrain_pair, tmp_path):
@@ -83,7 +96,7 @@ def test_export_reimport_is_bit_exact_and_loads_strict(pretrain_pair, tmp_path):
   reloaded = api.load(path)
   for a, b in zip(jax.tree.leaves(reloaded.params), jax.tree.leaves(model.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  fresh = torch_port.CAVMAE()
+  fresh = torch_port.CAVMAE(**GEOMETRY)
   saved = torch.load(path, weights_only=True)
   assert all(k.startswith("module.") for k in saved)
   fresh.load_state_dict({k[len("module."):]: v for k, v in saved.items()}, strict=True)
@@ -123,7 +136,7 @@ def pretrain_outputs(pretrain_pair):
 
 def test_forward_feat_matches(pretrain_outputs):
   _, (got_a, got_v), (ref_a, ref_v) = pretrain_outputs
-  assert got_a.shape == (BATCH, 512, 768) and got_v.shape == (BATCH, 196, 768)
+  assert got_a.shape == (BATCH, 128, 768) and got_v.shape == (BATCH, 49, 768)
   assert rel_err(got_a, ref_a.numpy()) <= RTOL
   assert rel_err(got_v, ref_v.numpy()) <= RTOL
 
@@ -216,7 +229,7 @@ def test_gradients_match_on_tiny_model():
 def test_bfloat16_compute_stays_close():
   module = models.build(dict(kind="cav_mae", **models.size_fields("tiny")))
   model = api.LoadedModel(module, api.init_params(module, seed=1))
-  audio, frames = random_inputs(15)
+  audio, frames = random_inputs(15, audio_length=1024, img_size=224)  # the real size
   bf16 = api.LoadedModel(module.clone(dtype=jnp.bfloat16), model.params)
   feats32 = model.features(audio, frames)
   feats16 = bf16.features(audio, frames)

@@ -1,7 +1,7 @@
 """Training workdirs as models, and the evaluate command (retrieval against the PyTorch port).
 
-A tiny training run (in-memory batches, 3 steps, checkpoints at steps 2 and 3) is shared by
-the tests of this module.
+A tiny training run (in-memory batches, 3 steps, checkpoints at steps 2 and 3: conftest's
+`tiny_pretrain_workdir`) is shared by the tests of this module.
 """
 
 import json
@@ -11,47 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+from tests import _helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUDIO_LENGTH, IMG_SIZE = 256, 64
-
-
-def tiny_config(kind="pretrain"):
-  from avmae_jax import config_args  # pylint: disable=import-outside-toplevel
-  config = config_args.load_config("configs/cav_mae_pretrain.py:size=tiny")
-  config.batch_size, config.total_steps = 2, 3
-  config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 0
-  config.model.audio_length, config.model.img_size = AUDIO_LENGTH, IMG_SIZE
-  config.tensorboard = False
-  config.async_checkpointing = False
-  return config
-
-
-class Batches:
-  """A stand-in training input iterator of random batches."""
-  steps_per_epoch = 100
-
-  def __init__(self):
-    self.step = 0
-
-  def get_state(self):
-    return {"step": self.step}
-
-  def set_state(self, state):
-    self.step = state["step"]
-
-  def __next__(self):
-    self.step += 1
-    rng = np.random.default_rng(self.step)
-    return {"audio": rng.standard_normal((2, AUDIO_LENGTH, 128)).astype(np.float32),
-            "frames": rng.standard_normal((2, IMG_SIZE, IMG_SIZE, 3)).astype(np.float32)}
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  from avmae_jax import train  # pylint: disable=import-outside-toplevel
-  path = str(tmp_path_factory.mktemp("run") / "workdir")
-  train.train(tiny_config(), path, train_iter=Batches())
-  return path
+AUDIO_LENGTH, IMG_SIZE = _helpers.AUDIO_LENGTH, _helpers.IMG_SIZE
 
 
 def _saved_state(workdir, step):
@@ -61,9 +24,10 @@ def _saved_state(workdir, step):
                                                        "state"))
 
 
-def test_training_workdir_loads_as_a_model(workdir):
+def test_training_workdir_loads_as_a_model(tiny_pretrain_workdir):
   import avmae_jax  # pylint: disable=import-outside-toplevel
   from avmae_jax import api, checkpoint  # pylint: disable=import-outside-toplevel
+  workdir = tiny_pretrain_workdir
   assert checkpoint.is_model_dir(workdir)
   assert checkpoint.train_steps(workdir) == [2, 3]
   model = avmae_jax.load(workdir)
@@ -88,10 +52,11 @@ def test_training_workdir_loads_as_a_model(workdir):
   assert feats["audio"].shape == (1, 128, 128) and np.isfinite(feats["video"]).all()
 
 
-def test_trainer_init_from_a_training_workdir(workdir):
+def test_trainer_init_from_a_training_workdir(tiny_pretrain_workdir):
   from avmae_jax import interop, sharding  # pylint: disable=import-outside-toplevel
   from avmae_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  config = tiny_config()
+  workdir = tiny_pretrain_workdir
+  config = _helpers.tiny_pretrain_config()
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   trainer = trainer_lib.build_trainer(config, mesh, steps_per_epoch=10)
   with jax.set_mesh(mesh):
@@ -105,7 +70,7 @@ def test_trainer_init_from_a_training_workdir(workdir):
 
 def test_workdir_without_a_finished_checkpoint_says_so(tmp_path):
   from avmae_jax import api, checkpoint, models  # pylint: disable=import-outside-toplevel
-  module = models.build(tiny_config().model)
+  module = models.build(_helpers.tiny_pretrain_config().model)
   path = str(tmp_path / "fresh")
   os.makedirs(os.path.join(path, "checkpoints"))
   checkpoint.write_model_config(path, models.model_config(module))
@@ -186,8 +151,9 @@ def test_retrieval_of_an_imported_pth_matches_the_pytorch_port(torch_pretrained,
   assert "audio->video" in table and "median rank" in table
 
 
-def test_retrieval_from_a_training_workdir_uses_its_latest_step(workdir):
+def test_retrieval_from_a_training_workdir_uses_its_latest_step(tiny_pretrain_workdir):
   from avmae_jax import api, checkpoint, evaluate, metrics  # pylint: disable=import-outside-toplevel
+  workdir = tiny_pretrain_workdir
   batches, audio, frames, _ = _batches(6, 4, seed=1)
   results = evaluate.run(None, workdir, "retrieval", batches=batches)
   assert results["model"].endswith("(step 3)")

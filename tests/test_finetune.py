@@ -21,6 +21,7 @@ from avmae_jax import interop
 from avmae_jax import models
 from avmae_jax import sharding
 from avmae_jax import trainer as trainer_lib
+from tests import _helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "configs", "cav_mae_finetune.py")
@@ -172,16 +173,11 @@ def test_init_from_pretraining_pth_copies_encoder_and_initialises_head(tmp_path)
   assert "mask_token" in report["dropped"]
 
 
-def test_init_from_a_pretraining_workdir(tmp_path):
-  from avmae_jax import train  # pylint: disable=import-outside-toplevel
-  config = config_args.load_config(os.path.join(ROOT, "configs", "cav_mae_pretrain.py")
-                                   + ":size=tiny")
-  config.batch_size, config.total_steps = 2, 2
-  config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 0
-  config.model.audio_length, config.model.img_size = AUDIO, IMAGE
-  workdir = str(tmp_path / "pretrain")
-  train.train(config, workdir, train_iter=StandIn(2, pretrain=True))
-  saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "2", "state"))
+def test_init_from_a_pretraining_workdir(tiny_pretrain_workdir):
+  # conftest's shared tiny pretraining run (tiny, audio 256, frames 64: this module's sizes);
+  # load_init takes its latest checkpoint, step 3
+  workdir = tiny_pretrain_workdir
+  saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "3", "state"))
   want = flat(saved["params"])
 
   trainer, mesh = make_trainer(ft_config())
@@ -263,25 +259,13 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_bit_identical()
       assert value.tobytes() == before[key].tobytes(), key  # bit for bit
 
 
-class StandIn:
+def stand_in(steps_per_epoch):
   """A stand-in training input iterator: `steps_per_epoch` batches of random inputs."""
-
-  def __init__(self, steps_per_epoch, pretrain=False, batch=4):
-    self.steps_per_epoch, self.pretrain, self.batch, self.step = steps_per_epoch, pretrain, batch, 0
-
-  def get_state(self):
-    return {"step": self.step}
-
-  def set_state(self, state):
-    self.step = state["step"]
-
-  def __next__(self):
-    self.step += 1
-    out = make_batch(self.batch, seed=self.step)
+  def batch(step):
+    out = make_batch(4, seed=step)
     out.pop("mask")
-    if self.pretrain:
-      out.pop("labels")
     return out
+  return _helpers.StandInBatches(batch, steps_per_epoch)
 
 
 class EvalStandIn:
@@ -324,7 +308,7 @@ def test_weight_averaging_and_final_evaluation(tmp_path):
   config.wa_start, config.wa_end = 2, 3  # epochs of 2 steps: the models after steps 4 and 6
   config.optimizer.lr = 1e-3
   workdir = str(tmp_path / "ft")
-  results = train.train(config, workdir, train_iter=StandIn(2), eval_iter=EvalStandIn(6),
+  results = train.train(config, workdir, train_iter=stand_in(2), eval_iter=EvalStandIn(6),
                         final_iter=EvalStandIn(6, frames=10))
 
   def params_at(step):
@@ -377,12 +361,13 @@ def test_weight_averaging_beyond_the_run_is_an_error(tmp_path):
   config.total_steps, config.eval_every = 4, 0
   config.wa_start, config.wa_end = 1, 3
   with pytest.raises(ValueError, match=r"config\.wa_end=3 is beyond the run's 2 complete"):
-    train.train(config, str(tmp_path / "x"), train_iter=StandIn(2))
+    train.train(config, str(tmp_path / "x"), train_iter=stand_in(2))
 
 
-def test_demo_finetune_runs_end_to_end(tmp_path):
+def test_demo_finetune_runs_end_to_end(tmp_path, synthetic_data_dir):
   """The CLI on the real input pipeline: the final evaluation reads all 10 frames."""
-  data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "demo_ft")
+  # the dataset of the resume test in test_train.py (the same settings): built once
+  data_dir, workdir = synthetic_data_dir, str(tmp_path / "demo_ft")
   cmd = [sys.executable, "-m", "avmae_jax.train",
          "--config", f"configs/demo_finetune.py:data_dir={data_dir},steps=2",
          "--workdir", workdir, "--config.batch_size=8", "--config.log_every=1",

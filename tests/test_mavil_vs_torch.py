@@ -19,24 +19,13 @@ from avmae_jax import interop  # pylint: disable=g-import-not-at-top
 from avmae_jax import models
 from avmae_jax import torch_port as tp
 from avmae_jax.models import mavil
+from tests._helpers import perturbed_state_dict
+from tests._helpers import rel_err
 
 RTOL = 1e-5
 B = 4
 GEOMETRY = dict(audio_length=128, num_mel_bins=32, img_size=48, num_frames=8)
 LA, LV = 16, 36
-
-
-def rel_err(out, ref):
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
-
-
-def perturbed_state_dict(module, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(0.02 * torch.randn(p.shape, generator=gen))
-  return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
 def abstract_params(module):

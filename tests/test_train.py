@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from tests import _helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHARDING_PROBE = textwrap.dedent("""
@@ -27,15 +29,22 @@ SHARDING_PROBE = textwrap.dedent("""
                 "frames": rng.standard_normal((8, 64, 64, 3)).astype(np.float32)}
                for _ in range(3)]
     results = {}
-    for name, shape, n in (("single", {"data": 1}, 1), ("data8", {"data": 8}, 8),
-                           ("data4_fsdp2", {"data": 4, "fsdp": 2}, 8)):
+    # One mesh with every axis: the batch split over data x fsdp (4 ways), parameters and
+    # optimizer state over fsdp, attention heads and the MLP over tensor.
+    for name, shape, n in (("single", {"data": 1}, 1),
+                           ("data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "tensor": 2}, 8)):
       mesh = sharding.make_mesh(shape, jax.devices()[:n])
       trainer = trainer_lib.build_trainer(config, mesh, steps_per_epoch=10)
       with jax.set_mesh(mesh):
         state = trainer.init()
-        if name == "data4_fsdp2":  # parameters really are split over fsdp
-          spec = state.params["blocks_a_0"]["mlp"]["fc1"]["kernel"].sharding.spec
-          assert "fsdp" in str(spec), spec
+        if n > 1:  # really split: fc1 [embed, mlp] and its Adam moments over fsdp x tensor
+          fc1 = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+                 if jax.tree_util.keystr(path).endswith(
+                     "['blocks_a_0']['mlp']['fc1']['kernel']")]
+          assert len(fc1) == 3, len(fc1)
+          for leaf in fc1:
+            shard = leaf.addressable_shards[0].data.shape
+            assert shard == (leaf.shape[0] // 2, leaf.shape[1] // 2), (leaf.shape, shard)
         losses = []
         for batch in batches:
           state, metrics = trainer.train_step(state, trainer_lib.global_batch(trainer, batch))
@@ -54,7 +63,7 @@ def test_meshes_give_the_same_losses():
   results = json.loads(out.stdout.strip().splitlines()[-1])
   reference = results["single"]
   assert len(reference) == 3 and reference[0]["loss"] != reference[2]["loss"]
-  for name in ("data8", "data4_fsdp2"):
+  for name in ("data2_fsdp2_tensor2",):
     for step, (got, want) in enumerate(zip(results[name], reference)):
       for key in ("loss", "loss_mae_a", "loss_mae_v", "nce", "grad_norm"):
         assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), (
@@ -78,8 +87,8 @@ def _records(workdir):
   return records
 
 
-def test_resume_after_sigterm_is_bit_exact(tmp_path):
-  data_dir, steps = str(tmp_path / "tfds"), 8
+def test_resume_after_sigterm_is_bit_exact(tmp_path, synthetic_data_dir):
+  data_dir, steps = synthetic_data_dir, 8  # the demo fine-tuning test's dataset too
   straight = str(tmp_path / "straight")
   out = subprocess.run(_train_cmd(straight, data_dir, steps), cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
@@ -109,43 +118,29 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path):
-  from avmae_jax import config_args  # pylint: disable=import-outside-toplevel
   from avmae_jax import train  # pylint: disable=import-outside-toplevel
 
-  config = config_args.load_config("configs/cav_mae_pretrain.py:size=tiny")
-  config.batch_size, config.total_steps = 2, 6
-  config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 0
-  config.model.audio_length, config.model.img_size = 256, 64
+  # The shared tiny run's config (the session's compilation cache may hold its step), with
+  # TensorBoard and asynchronous checkpoints (the defaults) on.
+  config = _helpers.tiny_pretrain_config(total_steps=3)
+  config.tensorboard, config.async_checkpointing = True, True
 
-  class Batches:  # a stand-in input iterator whose 4th batch holds a NaN
-    steps_per_epoch = 100
-
-    def __init__(self):
-      self.step = 0
-
-    def get_state(self):
-      return {"step": self.step}
-
-    def set_state(self, state):
-      self.step = state["step"]
-
-    def __next__(self):
-      self.step += 1
-      audio = np.zeros((2, 256, 128), np.float32) + self.step
-      if self.step == 4:
-        audio[0, 0, 0] = np.nan
-      return {"audio": audio, "frames": np.ones((2, 64, 64, 3), np.float32)}
+  def batch(step):  # the stand-in input: the last one (step 3, which ends saving) holds a NaN
+    audio = np.zeros((2, 256, 128), np.float32) + step
+    if step == 3:
+      audio[0, 0, 0] = np.nan
+    return {"audio": audio, "frames": np.ones((2, 64, 64, 3), np.float32)}
 
   workdir = str(tmp_path / "nan")
-  with pytest.raises(train.StopTraining, match="at step 4"):
-    train.train(config, workdir, train_iter=Batches())
+  with pytest.raises(train.StopTraining, match="at step 3"):
+    train.train(config, workdir, train_iter=_helpers.StandInBatches(batch))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
 
 def test_init_from_reference_pth(tmp_path):
   torch = pytest.importorskip("torch")
   import jax  # pylint: disable=import-outside-toplevel
-  from avmae_jax import config_args, interop, models, sharding, torch_port  # pylint: disable=import-outside-toplevel
+  from avmae_jax import interop, models, sharding, torch_port  # pylint: disable=import-outside-toplevel
   from avmae_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
 
   fields = dict(models.size_fields("tiny"), audio_length=256, img_size=64)
@@ -154,11 +149,10 @@ def test_init_from_reference_pth(tmp_path):
   path = str(tmp_path / "pretrained.pth")
   torch.save({"module." + k: v for k, v in ref.state_dict().items()}, path)
 
-  config = config_args.load_config("configs/cav_mae_pretrain.py:size=tiny")
-  config.batch_size = 2
-  config.model.audio_length, config.model.img_size = 256, 64
+  # the shared tiny run's trainer (the session's compilation cache may hold its init and step)
+  config = _helpers.tiny_pretrain_config()
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  trainer = trainer_lib.build_trainer(config, mesh, steps_per_epoch=10)
+  trainer = trainer_lib.build_trainer(config, mesh, _helpers.STEPS_PER_EPOCH)
   with jax.set_mesh(mesh):
     state = trainer_lib.init_from(trainer, trainer.init(), path)
     loaded = interop.flax_to_torch(state.params)
