@@ -33,8 +33,8 @@ short run of `steps` steps (default 400 for stage 1, 800 for stage 2), so that s
 trains in a few CPU minutes. Stage 2 runs twice as long because its student starts from
 scratch and learns from the teacher's features: at 400 steps its fine-tuned accuracy was
 equal to stage 1's (pretraining seed 0) or 3 points lower (seed 1); at 800 it is 1.6 points
-higher on average over three pretraining seeds, with a higher mAP for each (README, "MAViL"). Its contrastive
-weights are 1.0, not 0.01: at 0.01 the inter-modal InfoNCE stays at chance (accuracy 0.04
+higher on average over three pretraining seeds, with a higher mAP for each (README, "MAViL").
+Its contrastive weights are 1.0, not 0.01: at 0.01 the inter-modal InfoNCE stays at chance (accuracy 0.04
 for 1/32) through a 400-step run from scratch, so neither retrieval nor the stage-2 teacher
 gets a cross-modal signal; at 1.0 it reaches 0.22 (measured, tiny, 400 steps).
 """
