@@ -20,6 +20,7 @@ from avmae_jax import config_args
 from avmae_jax import interop
 from avmae_jax import metrics as metrics_lib
 from avmae_jax import models
+from tests import _helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "configs", "mavil_pretrain.py")
@@ -165,24 +166,11 @@ def make_trainer(config):
   return trainer_lib.build_trainer(config, mesh, steps_per_epoch=100), mesh
 
 
-class Batches:
-  """A stand-in training input iterator: random batches (labels for fine-tuning)."""
-  steps_per_epoch = 100
-
-  def __init__(self, batch=4):
-    self.step, self.batch = 0, batch
-
-  def get_state(self):
-    return {"step": self.step}
-
-  def set_state(self, state):
-    self.step = state["step"]
-
-  def __next__(self):
-    self.step += 1
-    audio, frames = inputs(self.batch, seed=self.step)
-    labels = np.eye(CLASSES, dtype=np.float32)[np.arange(self.batch) % CLASSES]
-    return {"audio": audio, "frames": frames, "labels": labels}
+def random_batch(step, batch=4):
+  """A random training batch (labels for fine-tuning), different at every step."""
+  audio, frames = inputs(batch, seed=step)
+  labels = np.eye(CLASSES, dtype=np.float32)[np.arange(batch) % CLASSES]
+  return {"audio": audio, "frames": frames, "labels": labels}
 
 
 def saved_params(workdir, step):
@@ -199,7 +187,7 @@ def stage1_workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("mavil") / "stage1")
   config = pretrain_config()
   config.total_steps = 3
-  train.train(config, path, train_iter=Batches())
+  train.train(config, path, train_iter=_helpers.StandInBatches(random_batch))
   return path
 
 
@@ -284,7 +272,7 @@ def stage2_workdir(stage1_workdir):
   path = os.path.join(os.path.dirname(stage1_workdir), "stage2")
   config = pretrain_config(stage=2, teacher=stage1_workdir)
   config.total_steps = 2
-  train.train(config, path, train_iter=Batches())
+  train.train(config, path, train_iter=_helpers.StandInBatches(random_batch))
   return path
 
 
@@ -307,7 +295,7 @@ def test_stage2_run_pins_its_teacher(stage1_workdir, stage2_workdir, tmp_path):
   # but a resumed run keeps its own teacher: another one is refused
   config.total_steps = 3
   with pytest.raises(ValueError, match="has trained with the teacher"):
-    train.train(config, stage2_workdir, train_iter=Batches())
+    train.train(config, stage2_workdir, train_iter=_helpers.StandInBatches(random_batch))
 
 
 @pytest.mark.parametrize("mode", ["multimodal", "audioonly"])
@@ -335,7 +323,7 @@ def test_finetuning_starts_from_the_stage2_encoder(stage2_workdir, mode):
     for key in report["loaded"]:
       np.testing.assert_array_equal(got[key], saved[key], err_msg=key)
     assert "blocks_v.0.attn.qkv.weight" in report["loaded"]
-    batch = trainer.train_inputs(next(Batches()))
+    batch = trainer.train_inputs(next(_helpers.StandInBatches(random_batch)))
     assert ("frames" in batch) == (mode == "multimodal")
     state, metrics = trainer.train_step(state, trainer_lib.global_batch(trainer, batch))
     assert np.isfinite(float(metrics["loss"]))
