@@ -1,5 +1,6 @@
 """Helpers shared by several test modules (imported as `from tests import _helpers`)."""
 
+import jax
 import numpy as np
 
 # A tiny CAV-MAE pretraining run: small inputs (audio 256 x 128, frames 64 x 64), batch 2.
@@ -72,3 +73,18 @@ def perturbed_state_dict(module, seed):
     for p in module.parameters():
       p.add_(0.02 * torch.randn(p.shape, generator=gen))
   return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def mavil_stage2_forward(teacher, teacher_params, student, student_params, audio, frames,
+                         noise_a, noise_v):
+  """One jitted MAViL stage-2 forward: the teacher's targets of (audio, frames) and the
+  student's outputs under the given masking noise -> (targets, outputs)."""
+  from avmae_jax.models import mavil  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def run(sp, tp):
+    targets = mavil.compute_teacher_targets(teacher, tp, audio, frames)
+    return targets, student.apply({"params": sp}, audio, frames, noise_a, noise_v,
+                                  teacher_targets=targets)
+
+  return run(student_params, teacher_params)

@@ -20,6 +20,7 @@ from avmae_jax.models import flops
 from avmae_jax.models import layers
 from avmae_jax.models import losses
 from avmae_jax.models import mavil
+from tests import _helpers
 
 B = 4
 GEOMETRY = dict(audio_length=128, num_mel_bins=32, img_size=48, num_frames=8)
@@ -335,13 +336,8 @@ def test_stage2_mse_matches_numpy(stage2):
   audio, frames = inputs(2)
   noise_a, noise_v = noise(2, seed=3)
 
-  @jax.jit
-  def run(sp, tp):
-    targets = mavil.compute_teacher_targets(teacher, tp, audio, frames)
-    return targets, student.apply({"params": sp}, audio, frames, noise_a, noise_v,
-                                  teacher_targets=targets)
-
-  targets, out = run(student_params, teacher_params)
+  targets, out = _helpers.mavil_stage2_forward(teacher, teacher_params, student,
+                                               student_params, audio, frames, noise_a, noise_v)
   assert out["pred_a"].shape == (B, LA, 128) and out["pred_v"].shape == (B, LV, 128)
   want_a = numpy_masked_mse(out["pred_a"], f64(targets["audio"]), numpy_mask(noise_a[:B], 0.8))
   want_v = numpy_masked_mse(out["pred_v"], f64(targets["video"]), numpy_mask(noise_v[:B], 0.9))

@@ -19,6 +19,7 @@ from avmae_jax import interop  # pylint: disable=g-import-not-at-top
 from avmae_jax import models
 from avmae_jax import torch_port as tp
 from avmae_jax.models import mavil
+from tests import _helpers
 from tests._helpers import perturbed_state_dict
 from tests._helpers import rel_err
 
@@ -200,13 +201,8 @@ def test_stage2_targets_and_losses_match(stage1_pair):
   noise_a = rng.random((2 * B, LA)).astype(np.float32)
   noise_v = rng.random((2 * B, LV)).astype(np.float32)
 
-  @jax.jit
-  def run(sp, tp_):
-    targets = mavil.compute_teacher_targets(teacher, tp_, audio, frames)
-    return targets, student.apply({"params": sp}, audio, frames, noise_a, noise_v,
-                                  teacher_targets=targets)
-
-  targets, out = run(student_params, teacher_params)
+  targets, out = _helpers.mavil_stage2_forward(teacher, teacher_params, student,
+                                               student_params, audio, frames, noise_a, noise_v)
   a_t, v_t = torch.from_numpy(audio), to_torch_clip(frames)
   with torch.no_grad():
     want_targets = teacher_ref.teacher_targets(a_t, v_t)
