@@ -22,12 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avmae_jax import checkpoint
-from avmae_jax import interop
 from avmae_jax import models
+from avmae_jax.checkpoints import interop
+from avmae_jax.checkpoints import model_dir
+# Shapes and fresh parameters of a module, for users of the API (defined with the models).
+from avmae_jax.models import abstract_params
+from avmae_jax.models import example_inputs
+from avmae_jax.models import init_params
 
-# Model kinds with classification heads (what `classify` and the evaluation need).
-FINETUNED_KINDS = ("cav_mae_ft", "mavil_ft")
+__all__ = ["LoadedModel", "abstract_params", "example_inputs", "from_state_dict",
+           "init_params", "load"]
 
 
 @dataclasses.dataclass
@@ -38,7 +42,7 @@ class LoadedModel:
 
   @property
   def kind(self) -> str:
-    return models.kind_of(self.module)
+    return self.module.kind
 
   @property
   def config(self) -> dict[str, Any]:
@@ -69,11 +73,11 @@ class LoadedModel:
 
     mode: default "multimodal" (for MAViL with unimodal heads only, "audioonly").
     """
-    if self.kind not in FINETUNED_KINDS:
-      raise TypeError(f"classify needs a fine-tuned model ({' or '.join(FINETUNED_KINDS)}); "
-                      f"this is {self.kind}")
+    if not self.module.is_classifier:
+      raise TypeError(f"classify needs a fine-tuned model "
+                      f"({' or '.join(models.classifier_kinds())}); this is {self.kind}")
     if mode is None:
-      mode = self.module.modes()[0] if hasattr(self.module, "modes") else "multimodal"
+      mode = self.module.modes()[0]
     a = None if audio is None else jnp.asarray(audio, jnp.float32)
     v = None if frames is None else jnp.asarray(frames, jnp.float32)
     return np.asarray(self._classify_fn(self.params, a, v, mode))
@@ -86,44 +90,17 @@ class LoadedModel:
     interop.write_pth(self.state_dict(), path, module_prefix)
 
   def save(self, directory: str, overwrite: bool = False) -> str:
-    return checkpoint.save_model(directory, self.config, self.params, overwrite)
-
-
-def example_inputs(module: nn.Module, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, ...]:
-  """Shapes of (audio, frames) that `module` takes: frames [B, H, W, C] for CAV-MAE,
-  [B, N, H, W, C] (a clip) for MAViL, whose modules say so themselves (`input_shapes`)."""
-  if hasattr(module, "input_shapes"):
-    return tuple(module.input_shapes(batch))
-  audio = jax.ShapeDtypeStruct((batch, module.audio_length, module.num_mel_bins), jnp.float32)
-  frames = jax.ShapeDtypeStruct(
-      (batch, module.img_size, module.img_size, module.in_chans), jnp.float32)
-  return audio, frames
-
-
-def _init(module: nn.Module, seed, audio, frames):
-  rngs = {"params": jax.random.fold_in(jax.random.key(seed), 0),
-          "masking": jax.random.fold_in(jax.random.key(seed), 1)}
-  return nn.meta.unbox(module.init(rngs, audio, frames)["params"])
-
-
-def abstract_params(module: nn.Module) -> Any:
-  """Parameter shapes and dtypes without computing anything (jax.eval_shape of init)."""
-  return jax.eval_shape(functools.partial(_init, module, 0), *example_inputs(module))
-
-
-def init_params(module: nn.Module, seed: int = 0) -> Any:
-  """Freshly initialised parameters (the reference's initialisation scheme)."""
-  audio, frames = (jnp.zeros(s.shape, s.dtype) for s in example_inputs(module))
-  return jax.jit(functools.partial(_init, module, seed))(audio, frames)
+    return model_dir.save_model(directory, self.config, self.params, overwrite)
 
 
 def from_state_dict(state_dict: dict[str, np.ndarray], source: str = "state dict",
                     **overrides) -> LoadedModel:
   """Builds the model a reference state dict describes and loads it strictly."""
-  config = interop.infer_model_config(state_dict, source)
+  state_dict = interop.strip_module_prefix(state_dict)
+  config = models.config_from_state_dict(state_dict, source)
   config.update(overrides)
   module = models.build(config)
-  params, _ = interop.torch_to_flax(state_dict, abstract_params(module), strict=True,
+  params, _ = interop.torch_to_flax(state_dict, models.abstract_params(module), strict=True,
                                     source=source)
   return LoadedModel(module, jax.tree.map(jnp.asarray, params))
 
@@ -138,10 +115,10 @@ def load(path: str, step: Optional[int] = None, **overrides) -> LoadedModel:
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    config = checkpoint.read_model_config(path)
+    config = model_dir.read_model_config(path)
     config.update(overrides)
     module = models.build(config)
-    params = checkpoint.load_params(path, abstract_params(module), step=step)
+    params = model_dir.load_params(path, models.abstract_params(module), step=step)
     return LoadedModel(module, params)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory")

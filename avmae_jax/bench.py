@@ -31,15 +31,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from avmae_jax import api
 from avmae_jax import config_args
 from avmae_jax import models
-from avmae_jax import sharding
-from avmae_jax import trainer as trainer_lib
+from avmae_jax import tasks
 from avmae_jax.models import flops as flops_lib
-from avmae_jax.models import mavil
+from avmae_jax.parallel import mesh as mesh_lib
+from avmae_jax.training import steps
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by a substring
 # of jax's device_kind. MFU is reported against these; null for anything not listed.
@@ -57,68 +55,62 @@ def peak_flops(device_kind: str):
   return None
 
 
-def _loss_fn(module, mode, teacher=None):
-  """The loss of one batch; `teacher` (MAViL stage 2) makes the targets inside it, from
-  the teacher's parameters (labels holds them there: no gradient flows to them)."""
-  if models.kind_of(module) in ("cav_mae", "mavil"):
-    def loss(params, audio, frames, labels, key):
-      targets = None
-      if teacher is not None:
-        targets = mavil.compute_teacher_targets(teacher, labels, audio, frames)
-      return module.apply({"params": params}, audio, frames,
-                          **({"teacher_targets": targets} if targets is not None else {}),
-                          rngs={"masking": key})["loss"]
-  else:
-    def loss(params, audio, frames, labels, key):
-      del key
-      logits = module.apply({"params": params}, audio, frames, mode)
-      return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
-  return loss
+def _task(config, module):
+  """The task of a training config; self-training without config.teacher gets a stand-in
+  teacher of the student's architecture."""
+  return tasks.for_config(config, module, stand_in_teacher=True)
+
+
+def _random_batch(module, keys, batch_size: int, dtype=np.float32) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  audio, frames = models.example_inputs(module, batch_size)
+  shapes = {"audio": audio.shape, "frames": frames.shape,
+            "labels": (batch_size, getattr(module, "num_classes", 1))}
+  return {k: (rng.standard_normal(shapes[k]) if k != "labels" else np.zeros(shapes[k])
+              ).astype(dtype) for k in keys}
+
+
+def _aux(trainer_or_task, config, shardings):
+  """The task's frozen inputs (a teacher): config.teacher's when given, else random ones
+  (timings do not depend on the values)."""
+  task = getattr(trainer_or_task, "task", trainer_or_task)
+  if config.get("teacher"):
+    return task.load_aux(shardings)
+  return task.random_aux(shardings, seed=1)
 
 
 def bench_model(args) -> dict:
   config = config_args.load_config(args.config)
-  model_config = dict(config.model)
   if args.dtype:
-    model_config["dtype"] = args.dtype
-  module = models.build(model_config)
-  mode = config.get("mode", "multimodal")
-  if models.kind_of(module) == "mavil_ft" and mode not in module.modes():
-    mode = module.modes()[0]
+    config.model.dtype = args.dtype
+  module = models.build(config.model)
+  task = _task(config, module)
   b = args.batch_size
-  rng = np.random.default_rng(0)
-  audio, frames = (jnp.asarray(rng.standard_normal(s.shape), jnp.float32)
-                   for s in api.example_inputs(module, b))
-  labels = jnp.zeros((b, getattr(module, "num_classes", 1)), jnp.float32)
-  params = api.init_params(module, seed=0)
-  teacher = None
-  if _is_stage2(module):
-    # The teacher's forward pass is part of the step; its values do not matter for timing,
-    # so a random teacher of the student's architecture stands in (passed as `labels`).
-    teacher = module.clone(stage=1)
-    labels = api.init_params(teacher, seed=1)
-  step = jax.jit(jax.value_and_grad(_loss_fn(module, mode, teacher)))
+  batch = {k: jnp.asarray(v) for k, v in _random_batch(module, task.train_keys, b).items()}
+  params = models.init_params(module, seed=0)
+  aux = _aux(task, config, None)
+  step = jax.jit(jax.value_and_grad(lambda p, x, key, a: task.loss(p, x, key, a)[0]))
   key = jax.random.key(0)
 
   start = time.perf_counter()
-  compiled = step.lower(params, audio, frames, labels, key).compile()
+  compiled = step.lower(params, batch, key, aux).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-  jax.block_until_ready(compiled(params, audio, frames, labels, key))  # warm-up
+  jax.block_until_ready(compiled(params, batch, key, aux))  # warm-up
   times = []
   for i in range(args.steps):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(params, audio, frames, labels, jax.random.fold_in(key, i)))
+    jax.block_until_ready(compiled(params, batch, jax.random.fold_in(key, i), aux))
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  per_sample = flops_lib.train_flops(module, mode)
+  per_sample = flops_lib.train_flops(module, config.get("mode", "multimodal"))
   device = jax.devices()[0]
   memory = device.memory_stats() or {}
   return {
-      "bench": "model", "config": args.config, "kind": models.kind_of(module),
+      "bench": "model", "config": args.config, "kind": module.kind,
       "dtype": jnp.dtype(module.dtype).name, "batch_size": b, "steps": args.steps,
       "step_ms": round(step_s * 1e3, 2), "compile_s": round(compile_s, 2),
       "samples_per_s": round(b / step_s, 3), "flops_per_sample": per_sample,
@@ -128,32 +120,8 @@ def bench_model(args) -> dict:
   }
 
 
-def _is_stage2(module) -> bool:
-  return models.kind_of(module) == "mavil" and module.stage == 2
-
-
 def _build_trainer(config, mesh):
-  """The trainer of a training config; MAViL stage 2 without config.teacher gets a stand-in
-  teacher of the student's architecture (stage 1)."""
-  teacher_model = None
-  if (config.model.get("kind") == "mavil" and config.model.get("stage") == 2
-      and not config.get("teacher")):
-    teacher_model = dict(config.model.to_dict(), stage=1)
-  return trainer_lib.build_trainer(config, mesh, steps_per_epoch=1000,
-                                   teacher_model=teacher_model)
-
-
-def _teacher_args(trainer, config, abstract: bool = False) -> tuple:
-  """The extra train-step argument of MAViL stage 2: the teacher's parameters, loaded
-  from config.teacher, or random ones of the student's architecture when it is empty
-  (timings do not depend on the values), or (abstract) their shapes and shardings."""
-  if trainer.teacher is None:
-    return ()
-  if abstract:
-    return (trainer.teacher_spec(),)
-  if config.get("teacher"):
-    return (trainer.load_teacher(),)
-  return (trainer.init_teacher(seed=1),)
+  return steps.from_config(config, mesh, steps_per_epoch=1000, stand_in_teacher=True)
 
 
 def _training_config(args):
@@ -181,24 +149,24 @@ def _memory(compiled) -> dict:
 
 def bench_train(args) -> dict:
   config = _training_config(args)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   trainer = _build_trainer(config, mesh)
   rng = np.random.default_rng(0)
   with jax.set_mesh(mesh):
     state = trainer.init()
-    teacher = _teacher_args(trainer, config)
+    aux = _aux(trainer, config, trainer.aux_shardings)
     specs = trainer.batch_spec(args.batch_size)
     batch = {k: jax.device_put(rng.standard_normal(v.shape).astype(v.dtype), v.sharding)
              for k, v in specs.items()}
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch, *teacher).compile()
+    compiled = trainer.train_step.lower(state, batch, aux).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, batch, *teacher)  # warm-up
+    state, metrics = compiled(state, batch, aux)  # warm-up
     jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
       start = time.perf_counter()
-      state, metrics = compiled(state, batch, *teacher)
+      state, metrics = compiled(state, batch, aux)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
@@ -208,7 +176,7 @@ def bench_train(args) -> dict:
   achieved = per_sample * args.batch_size / step_s
   stats = device.memory_stats() or {}
   result = {
-      "bench": "train", "config": args.config, "kind": trainer.kind,
+      "bench": "train", "config": args.config, "kind": trainer.module.kind,
       "dtype": jnp.dtype(trainer.module.dtype).name, "batch_size": args.batch_size,
       "mesh": dict(mesh.shape), "steps": args.steps, "step_ms": round(step_s * 1e3, 2),
       "compile_s": round(compile_s, 2), "samples_per_s": round(args.batch_size / step_s, 3),
@@ -219,6 +187,9 @@ def bench_train(args) -> dict:
       "device_kind": device.device_kind, "devices": mesh.size,
   }
   if args.torch:
+    if type(trainer.task) is not tasks.Pretraining:  # pylint: disable=unidiomatic-typecheck
+      raise SystemExit("--torch compares pretraining steps (a model trained on its own "
+                       "losses: CAV-MAE, MAViL stage 1)")
     result.update(bench_torch_step(trainer.module, args.batch_size, args.steps))
     result["speedup_vs_torch"] = round(result["samples_per_s"] /
                                        result["torch_samples_per_s"], 3)
@@ -233,28 +204,21 @@ def bench_torch_step(module, batch_size: int, steps: int) -> dict:
   """
   import torch  # pylint: disable=import-outside-toplevel
   from avmae_jax import torch_port  # pylint: disable=import-outside-toplevel
-  if models.kind_of(module) != "cav_mae":
-    raise SystemExit("--torch compares the pretraining step (model.kind='cav_mae')")
   config = models.model_config(module)
-  fields = {k: config[k] for k in (
-      "img_size", "audio_length", "num_mel_bins", "patch_size", "in_chans", "embed_dim",
-      "modality_specific_depth", "shared_depth", "num_heads", "decoder_embed_dim",
-      "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_eps", "norm_pix_loss")}
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = torch_port.CAVMAE(**fields).to(device)
+  model = torch_port.build(config).to(device)
+  loss_settings = torch_port.call_args(model.forward, config)
   optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.95, 0.999),
                                weight_decay=5e-7)
-  audio = torch.randn(batch_size, module.audio_length, module.num_mel_bins, device=device)
-  frames = torch.randn(batch_size, module.in_chans, module.img_size, module.img_size,
-                       device=device)
+  audio, frames = (torch.randn(*s.shape, device=device)
+                   for s in models.example_inputs(module, batch_size))
+  frames = torch.movedim(frames, -1, 1)  # channels first: [B, C, H, W] or [B, C, N, H, W]
   amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
   def step():
     optimizer.zero_grad(set_to_none=True)
     with amp:
-      out = model(audio, frames, mask_ratio_a=module.mask_ratio_a,
-                  mask_ratio_v=module.mask_ratio_v, mae_loss_weight=module.mae_loss_weight,
-                  contrast_loss_weight=module.contrast_loss_weight)
+      out = model(audio, frames, **loss_settings)
     out["loss"].backward()
     optimizer.step()
     if device == "cuda":
@@ -282,21 +246,19 @@ def bench_aot(args) -> dict:
                      "installed (pip install \"jax[tpu]\")?") from e
   devices = topology.devices
   config = _training_config(args)
-  mesh = sharding.make_mesh(config.mesh, devices)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
   trainer = _build_trainer(config, mesh)
-  abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      trainer.abstract_state, trainer.state_shardings)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = trainer.train_step.lower(abstract_state, trainer.batch_spec(args.batch_size),
-                                        *_teacher_args(trainer, config, abstract=True)
-                                        ).compile()
+    compiled = trainer.train_step.lower(trainer.state_spec(),
+                                        trainer.batch_spec(args.batch_size),
+                                        trainer.aux_spec()).compile()
   compile_s = time.perf_counter() - start
   n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
   hosts = len({d.process_index for d in devices})
   return {
-      "bench": "aot", "config": args.config, "kind": trainer.kind, "topology": args.topology,
+      "bench": "aot", "config": args.config, "kind": trainer.module.kind,
+      "topology": args.topology,
       "devices": len(devices), "hosts": hosts, "device_kind": devices[0].device_kind,
       "mesh": dict(mesh.shape), "batch_size": args.batch_size,
       "dtype": jnp.dtype(trainer.module.dtype).name, "params": int(n_params),

@@ -18,8 +18,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from avmae_jax import api
-from avmae_jax import interop
 from avmae_jax import models
+from avmae_jax.checkpoints import interop
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "avmae_jax model checkpoint directory.")
 _TORCH = flags.DEFINE_string("torch", None, "Reference-layout PyTorch .pth to import.")
@@ -58,12 +58,10 @@ def main(argv):
 def _import_imagenet_mae():
   model_config = (dict(_CONFIG.value.model) if _CONFIG.value is not None
                   else {"kind": "cav_mae", **models.size_fields("base")})
-  if model_config.get("kind") != "cav_mae":
-    raise ValueError("--imagenet_mae initialises a pretraining model (model.kind='cav_mae')")
   module = models.build(model_config)
-  params = api.init_params(module, _SEED.value)
-  state_dict, untouched = interop.imagenet_mae_state_dict(
-      interop.read_pth(_IMAGENET_MAE.value), params, module.modality_specific_depth)
+  params = models.init_params(module, _SEED.value)
+  state_dict, untouched = module.map_imagenet_mae(interop.read_pth(_IMAGENET_MAE.value),
+                                                  interop.flax_to_torch(params))
   params, _ = interop.torch_to_flax(state_dict, params, strict=True, source="mapped MAE")
   api.LoadedModel(module, params).save(_OUT.value, overwrite=_OVERWRITE.value)
   print(f"wrote {_OUT.value}: {len(state_dict) - len(untouched)} tensors from MAE, "

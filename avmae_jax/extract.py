@@ -31,7 +31,7 @@ import numpy as np
 
 from avmae_jax import api
 from avmae_jax import cli
-from avmae_jax import evaluate
+from avmae_jax.evaluators import common as eval_common
 
 DTYPES = ("float32", "float16")
 
@@ -90,12 +90,12 @@ def extract(model: api.LoadedModel, batches: Iterable[Mapping[str, Any]], out: s
   shapes = {}
   for index, batch in enumerate(batches):
     if index == 0:
-      evaluate.check_batch(model, batch, section)
-    if np.ndim(batch["frames"]) != evaluate.frames_ndim(model):
+      eval_common.check_batch(model.module, batch, section)
+    if np.ndim(batch["frames"]) != eval_common.frames_ndim(model.module):
       raise ExtractError(f"features use one frame per clip; got frames of shape "
                          f"{np.shape(batch['frames'])} (set config.{section}."
                          "eval_all_frames=False)")
-    keep = evaluate.valid_rows(batch)
+    keep = eval_common.valid_rows(batch)
     feats = model.features(batch["audio"], batch["frames"], pooled=pooled)
     arrays = {"audio": feats["audio"][keep].astype(dtype),
               "video": feats["video"][keep].astype(dtype)}
@@ -129,12 +129,12 @@ def run(config: ml_collections.ConfigDict, checkpoint_path: str, out: str,
   """The command: model and data from flags, then `extract`."""
   if not isinstance(shard_size, int) or shard_size < 1:  # before loading anything
     raise ExtractError(f"--shard_size must be a positive number of clips, got {shard_size!r}")
-  model, where = evaluate.load_model(checkpoint_path, step)
+  model, where = cli.load_model(checkpoint_path, step)
   config = ml_collections.ConfigDict(config.to_dict())
   config.eval_data.eval_all_frames = False
   if split:
     config.eval_data.split = split
-  iterator = evaluate.input_iterator(config, "eval_data")
+  iterator = cli.input_iterator(config, "eval_data")
   host = jax.process_index() if jax.process_count() > 1 else None
   index = extract(model, iterator, out, pooled, shard_size, dtype, host,
                   meta={"model": where, "split": config.eval_data.split})
@@ -157,7 +157,7 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  with cli.command(argv, ExtractError, evaluate.EvaluationError) as f:
+  with cli.command(argv, ExtractError, eval_common.EvaluationError) as f:
     if f.pooled and f.tokens:
       raise app.UsageError("--pooled and --tokens exclude each other")
     pooled = not (f.tokens or f.pooled is False)

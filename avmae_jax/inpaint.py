@@ -38,8 +38,7 @@ import numpy as np
 
 from avmae_jax import api
 from avmae_jax import cli
-from avmae_jax import evaluate
-from avmae_jax.models import losses
+from avmae_jax.evaluators import common as eval_common
 
 # Removed patches in the masked panels: grey on frames (the MAE papers' convention),
 # blue on the grey-scale spectrograms, where grey would read as signal.
@@ -54,12 +53,10 @@ class InpaintError(Exception):
 
 
 def check_model(model: api.LoadedModel) -> None:
-  if model.kind != "cav_mae":
-    raise InpaintError(f"inpainting needs a pretraining model (cav_mae) with its decoder; "
-                       f"this is a {model.kind} model")
-  if model.module.mae_loss_weight == 0:
-    raise InpaintError("this model has mae_loss_weight=0 (CAV, contrastive only): its "
-                       "decoder was never trained and does not run")
+  try:
+    model.module.check_inpainting()
+  except ValueError as e:
+    raise InpaintError(str(e)) from e
   if model.module.norm_pix_loss:
     warnings.warn("the model's config has norm_pix_loss=True (a .pth does not record it; "
                   "True is then assumed, as the released models used it): its predictions "
@@ -87,23 +84,21 @@ def reconstruct(model: api.LoadedModel, audio, frames, mask_ratio: float = 0.75,
   if key is None:
     key = jax.random.key(0)
   out = _forward_fn(module)(model.params, audio, frames, key, noise_a, noise_v)
-  p = module.patch_size
-  target_a = losses.patchify(losses.spectrogram_image(audio), p)
-  target_v = losses.patchify(frames, p)
-  results = {}
-  for name, target, pred, mask, grid, channels in (
-      ("audio", target_a, out["pred_a"], out["mask_a"], module.audio_grid, 1),
-      ("frames", target_v, out["pred_v"], out["mask_v"], module.video_grid, module.in_chans)):
+  targets = module.reconstruction_targets(audio, frames)
+  panels, results = {}, {}
+  for name, target, pred, mask in (("audio", targets[0], out["pred_a"], out["mask_a"]),
+                                   ("frames", targets[1], out["pred_v"], out["mask_v"])):
     removed = mask[:, :, None] > 0.5
     recon = jnp.where(removed, pred.astype(jnp.float32), target)
     masked = jnp.where(removed, 0.0, target)
-    mse = jnp.sum(jnp.mean((pred - target) ** 2, -1) * mask, 1) / jnp.sum(mask, 1)
-    images = [losses.unpatchify(x, p, grid, channels) for x in (target, masked, recon)]
-    if name == "audio":  # [B, F, T, 1] -> [B, F, T]
-      images = [x[..., 0] for x in images]
-    results[name], results[f"{name}_masked"], results[f"{name}_recon"] = images
+    panels[name] = (target, masked, recon)
     results["mask_a" if name == "audio" else "mask_v"] = mask
-    results["mse_a" if name == "audio" else "mse_v"] = mse
+    results["mse_a" if name == "audio" else "mse_v"] = (
+        jnp.sum(jnp.mean((pred - target) ** 2, -1) * mask, 1) / jnp.sum(mask, 1))
+  for suffix, audio_patches, frame_patches in zip(("", "_masked", "_recon"), panels["audio"],
+                                                  panels["frames"]):
+    results["audio" + suffix], results["frames" + suffix] = module.patches_to_images(
+        audio_patches, frame_patches)
   return {k: np.asarray(v) for k, v in results.items()}
 
 
@@ -192,8 +187,8 @@ def write_pictures(model: api.LoadedModel, batches: Iterable[Mapping[str, Any]],
   key = jax.random.key(seed)
   for index, batch in enumerate(batches):
     if index == 0:
-      evaluate.check_batch(model, batch, "eval_data")
-    keep = np.flatnonzero(evaluate.valid_rows(batch))
+      eval_common.check_batch(model.module, batch, "eval_data")
+    keep = np.flatnonzero(eval_common.valid_rows(batch))
     if not len(keep):
       continue
     keep = keep[:num - len(records)]
@@ -226,12 +221,12 @@ def write_pictures(model: api.LoadedModel, batches: Iterable[Mapping[str, Any]],
 def run(config: ml_collections.ConfigDict, checkpoint_path: str, out: str, num: int = 4,
         mask_ratio: float = 0.75, seed: int = 0, step: Optional[int] = None,
         batches: Optional[Iterable[Mapping[str, Any]]] = None) -> list[dict]:
-  model, where = evaluate.load_model(checkpoint_path, step)
+  model, where = cli.load_model(checkpoint_path, step)
   check_model(model)  # before reading any data
   if batches is None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.eval_data.eval_all_frames = False
-    batches = evaluate.input_iterator(config, "eval_data")
+    batches = cli.input_iterator(config, "eval_data")
   records = write_pictures(model, batches, out, num, mask_ratio, seed)
   print(f"inpainting by {where}: {len(records)} clips in {out}")
   return records
@@ -249,7 +244,7 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  with cli.command(argv, InpaintError, evaluate.EvaluationError) as f:
+  with cli.command(argv, InpaintError, eval_common.EvaluationError) as f:
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     records = run(f.config, f.checkpoint, f.out, f.num, f.mask_ratio, f.seed, f.step)
   for r in records:

@@ -8,7 +8,8 @@ r"""CAV-MAE fine-tuning and linear-probing recipes (cav-mae spec sections 3, 5 a
 init_from (or --config.init_from=PATH) names a reference `.pth` (CAV-MAE pretraining or
 fine-tuned), a model checkpoint directory (`export` output, DIR/averaged of a fine-tuning
 run) or a pretraining workdir (its latest checkpoint). The encoder is taken from it, a
-pretraining decoder is dropped, the classifier head starts fresh (avmae_jax.trainer.load_init).
+pretraining decoder is dropped, the classifier head starts fresh (CAVMAEFT.init_rules in
+avmae_jax/models/cav_mae.py).
 
 Recipes follow the reference's egs/ scripts: Adam (betas 0.95, 0.999, coupled weight decay
 5e-7), the head (mlp_head_*) at `head` times the base lr, lr halved every epoch from
@@ -22,8 +23,8 @@ trains; the encoder stays bit-identical.
 
 from avmae_jax import config_args
 from avmae_jax import models
-from avmae_jax import optim
 from avmae_jax.data import config as data_config
+from avmae_jax.training import optim
 
 MODES = ("multimodal", "audioonly", "videoonly")
 # Every parameter but the classifier head (mlp_head_0 LayerNorm, mlp_head_1 Linear).

@@ -13,8 +13,8 @@ reproduces that exactly (the default contrasts over the whole global batch).
 
 from avmae_jax import config_args
 from avmae_jax import models
-from avmae_jax import optim
 from avmae_jax.data import config as data_config
+from avmae_jax.training import optim
 
 # recipe: (global batch, lr, epochs); the lr halves after epochs 10, 15, 20 (start 10, every 5).
 RECIPES = {

@@ -10,7 +10,7 @@ audio<->video retrieval R@1 on the held-out clips next to chance.
 import os
 
 from avmae_jax import config_args
-from avmae_jax import optim
+from avmae_jax.training import optim
 
 _PRETRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cav_mae_pretrain.py")
 

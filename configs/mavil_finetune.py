@@ -10,7 +10,7 @@ latest checkpoint), a model directory, or a MAViL `.pth`. Every encoder tensor i
 (patch embeddings, cls tokens, both ViTs, the fusion blocks it has); the decoders, mask
 tokens and the pretraining `norm` are dropped; the heads and any fusion block beyond the
 pretrained ones (the fine-tuning model has one more, as the released one) start fresh
-(avmae_jax.trainer.load_init prints the lists).
+(models/mavil.py, MAViLFT.init_rules; the run prints the lists).
 
 mode: multimodal (fusion, audio and video tokens pooled separately and concatenated,
 `fc_norm_av`/`head_av`), audioonly or videoonly (that modality's ViT pooled, no fusion:
@@ -36,8 +36,8 @@ import os
 
 from avmae_jax import config_args
 from avmae_jax import models
-from avmae_jax import optim
 from avmae_jax.data import config as data_config
+from avmae_jax.training import optim
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("multimodal", "audioonly", "videoonly")

@@ -41,8 +41,8 @@ gets a cross-modal signal; at 1.0 it reaches 0.22 (measured, tiny, 400 steps).
 
 from avmae_jax import config_args
 from avmae_jax import models
-from avmae_jax import optim
 from avmae_jax.data import config as data_config
+from avmae_jax.training import optim
 
 DATASETS = {  # TFDS builder name (2 frames/s variants), train split, held-out split
     "audioset": ("avmae_audioset/fps2", "train", "eval"),

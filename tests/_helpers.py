@@ -1,7 +1,23 @@
-"""Helpers shared by several test modules (imported as `from tests import _helpers`)."""
+"""Helpers shared by several test modules (imported as `from tests import _helpers`).
+
+Paths are absolute, so that the suite runs from any working directory.
+"""
+
+import os
+import pathlib
 
 import jax
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+# Real clips and reference files, beside the repository in CI (../shared); tests that need
+# them skip without them, saying so.
+SAMPLES = pathlib.Path(ROOT).parent / "shared" / "data" / "official_samples"
+
+
+def config_path(spec: str) -> str:
+  """configs/FILE.py[:args] as an absolute path."""
+  return os.path.join(ROOT, "configs", spec)
 
 # A tiny CAV-MAE pretraining run: small inputs (audio 256 x 128, frames 64 x 64), batch 2.
 AUDIO_LENGTH, IMG_SIZE = 256, 64
@@ -15,7 +31,7 @@ def tiny_pretrain_config(total_steps=3):
   session's compilation cache (conftest.py) then compiles once.
   """
   from avmae_jax import config_args  # pylint: disable=import-outside-toplevel
-  config = config_args.load_config("configs/cav_mae_pretrain.py:size=tiny")
+  config = config_args.load_config(config_path("cav_mae_pretrain.py:size=tiny"))
   config.batch_size, config.total_steps = 2, total_steps
   config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 0
   config.model.audio_length, config.model.img_size = AUDIO_LENGTH, IMG_SIZE

@@ -8,26 +8,59 @@ pass explicitly for exact comparisons.
 Parameter names follow the reference state_dict (see layers.py), position embeddings are
 parameters in both models: frozen by `stop_gradient` when `trainable_pos_embed` is False
 (the optimizer must also leave them alone; `frozen_param_names` lists them).
+
+Also here, next to the models: their size presets, what the rest of the code asks of them
+(models/common.py), the model config a reference state dict describes
+(`reference_config`) and the ImageNet-MAE initialisation (`CAVMAE.map_imagenet_mae`).
 """
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from avmae_jax.models import common
+from avmae_jax.models import flops
 from avmae_jax.models import layers
 from avmae_jax.models import losses
 from avmae_jax.models import masking
 
-FT_MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")
 POS_EMBED_NAMES = ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v")
+# The scalars CAVMAE.__call__ returns that a training run logs.
+PRETRAIN_METRICS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "nce", "c_acc")
+# Encoder and decoder widths/depths per size. `base` is the paper's; `tiny` keeps the real
+# input sizes (1024x128 audio, 224x224 frames) so it runs on real data, for tests and the demo.
+# Head counts keep head_dim 64 (encoder) and 32 (decoder), the convention `.pth` import uses.
+SIZES = {
+    "base": dict(embed_dim=768, num_heads=12, modality_specific_depth=11, shared_depth=1,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "tiny": dict(embed_dim=128, num_heads=2, modality_specific_depth=2, shared_depth=1,
+                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
+}
 
 
-class _Encoder(layers.TwoTowerEncoder):
+class _Encoder(common.AVModel):
   """Patch embeddings, modality-specific and shared blocks, the three final norms."""
   modality_specific_depth: int = 11
   shared_depth: int = 1
+
+  sizes = SIZES
+
+  def input_shapes(self, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    return (jax.ShapeDtypeStruct((batch, self.audio_length, self.num_mel_bins), jnp.float32),
+            jax.ShapeDtypeStruct((batch, self.img_size, self.img_size, self.in_chans),
+                                 jnp.float32))
+
+  def lr_layers(self) -> common.LrLayers:
+    return common.lr_layers_from_patterns(
+        r"^(patch_embed_|pos_embed_|modality_)", r"^blocks_[av]_(\d+)/", r"^blocks_u_(\d+)/",
+        self.modality_specific_depth, self.shared_depth)
+
+  def _patch_embed_flops(self, tokens_a: int, tokens_v: int) -> float:
+    return flops.patch_embed_flops(self.embed_dim, self.patch_size ** 2,
+                                   tokens_a + self.in_chans * tokens_v)
 
   @property
   def audio_grid(self) -> tuple[int, int]:
@@ -123,6 +156,119 @@ class CAVMAE(_Encoder):
   # of the G per-GPU losses; the returned losses are then G x the per-group means.
   contrastive_groups: int = 1
 
+  kind = "cav_mae"
+  metric_names = PRETRAIN_METRICS
+
+  def frozen_param_names(self) -> tuple[str, ...]:
+    return () if self.trainable_pos_embed else POS_EMBED_NAMES
+
+  def forward_flops(self, mode: str = "multimodal") -> float:
+    """The pretraining loss: the patch embeddings, the modality-specific blocks on the kept
+    tokens, the shared blocks on their concatenation, the contrastive path's shared
+    block(s) per modality, the decoder over all tokens and the prediction heads."""
+    del mode
+    d, r = self.embed_dim, self.mlp_ratio
+    la, lv = self.num_audio_tokens, self.num_video_tokens
+    ka = masking.num_kept(la, self.mask_ratio_a)
+    kv = masking.num_kept(lv, self.mask_ratio_v)
+    total = self._patch_embed_flops(la, lv)
+    total += self.modality_specific_depth * (flops.block_flops(ka, d, r)
+                                             + flops.block_flops(kv, d, r))
+    total += self.shared_depth * flops.block_flops(ka + kv, d, r)
+    if self.contrast_loss_weight != 0:
+      contrast_depth = self.shared_depth if self.chain_shared_blocks_in_contrast else 1
+      total += contrast_depth * (flops.block_flops(ka, d, r) + flops.block_flops(kv, d, r))
+    if self.mae_loss_weight != 0:
+      dd, p2 = self.decoder_embed_dim, self.patch_size ** 2
+      total += 2 * (ka + kv) * d * dd
+      total += self.decoder_depth * flops.block_flops(la + lv, dd, r)
+      total += 2 * dd * p2 * (la + self.in_chans * lv)
+    return float(total)
+
+  # -- Inpainting (python -m avmae_jax.inpaint) ---------------------------------------------
+
+  def check_inpainting(self) -> None:
+    if self.mae_loss_weight == 0:
+      raise ValueError("this model has mae_loss_weight=0 (CAV, contrastive only): its "
+                       "decoder was never trained and does not run")
+
+  def reconstruction_targets(self, audio: jax.Array, frames: jax.Array
+                             ) -> tuple[jax.Array, jax.Array]:
+    """What the decoder predicts: patches [B, La, p*p] of the spectrogram image
+    (frequency-major) and [B, Lv, p*p*C] of the frame."""
+    return (losses.patchify(losses.spectrogram_image(audio), self.patch_size),
+            losses.patchify(frames, self.patch_size))
+
+  def patches_to_images(self, patches_a: jax.Array, patches_v: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+    """`reconstruction_targets` inverted: spectrograms [B, F, T] (frequency first, as the
+    patches lie) and frames [B, H, W, C]."""
+    p = self.patch_size
+    audio = losses.unpatchify(patches_a, p, self.audio_grid, 1)[..., 0]
+    return audio, losses.unpatchify(patches_v, p, self.video_grid, self.in_chans)
+
+  # -- Checkpoint surgery -----------------------------------------------------------------
+
+  def map_imagenet_mae(self, mae: Mapping[str, Any], target: Mapping[str, np.ndarray]
+                       ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Maps an ImageNet MAE ViT state dict onto this model (the reference's initialisation).
+
+    Both dicts are in the reference (PyTorch) key layout; `target` is this model's state
+    dict to start from. MAE blocks 0..d-1 go to blocks_a.i and blocks_v.i, the rest to
+    blocks_u (their norms also into the _a/_v norms); MAE `norm` to norm, norm_a and norm_v;
+    the RGB patch conv to patch_embed_v and, summed over RGB, to patch_embed_a; the decoder
+    by name; decoder_pred to decoder_pred_v and its first p*p rows to decoder_pred_a; the MAE
+    position tables without their cls row to pos_embed_v / decoder_pos_embed_v. Returns the
+    mapped state dict (`target`'s values where MAE has nothing) and the keys that kept them.
+    """
+    if "blocks.0.attn.qkv.weight" not in mae:
+      raise common.CheckpointError("not an MAE ViT state dict (no blocks.0.attn.qkv.weight)")
+    out = dict(target)
+    mapped = {}
+
+    def put(key, value):
+      if key not in out:
+        return
+      value = np.asarray(value, np.float32)
+      if value.shape != out[key].shape:
+        raise common.CheckpointError(f"MAE checkpoint: {key} would get shape {value.shape}, "
+                                     f"the model expects {out[key].shape}")
+      mapped[key] = value
+
+    d = self.modality_specific_depth
+    for key, value in mae.items():
+      if key.startswith("blocks."):
+        _, idx, rest = key.split(".", 2)
+        idx = int(idx)
+        if idx < d:
+          put(f"blocks_a.{idx}.{rest}", value)
+          put(f"blocks_v.{idx}.{rest}", value)
+        else:
+          put(f"blocks_u.{idx - d}.{rest}", value)
+          if rest.startswith(("norm1.", "norm2.")):
+            for m in ("a", "v"):
+              put(f"blocks_u.{idx - d}.{rest[:5]}_{m}.{rest[6:]}", value)
+      elif key.startswith("norm."):
+        for name in ("norm", "norm_a", "norm_v"):
+          put(f"{name}.{key[5:]}", value)
+      elif key == "patch_embed.proj.weight":
+        put("patch_embed_v.proj.weight", value)
+        put("patch_embed_a.proj.weight", np.asarray(value).sum(axis=1, keepdims=True))
+      elif key == "patch_embed.proj.bias":
+        put("patch_embed_v.proj.bias", value)
+        put("patch_embed_a.proj.bias", value)
+      elif key in ("pos_embed", "decoder_pos_embed"):
+        put(f"{key}_v", np.asarray(value)[:, 1:])
+      elif key.startswith("decoder_pred."):
+        leaf = key.split(".", 1)[1]
+        put(f"decoder_pred_v.{leaf}", value)
+        rows = out[f"decoder_pred_a.{leaf}"].shape[0]
+        put(f"decoder_pred_a.{leaf}", np.asarray(value)[:rows])
+      else:  # decoder_embed, decoder_blocks, decoder_norm, mask_token: same names
+        put(key, value)
+    out.update(mapped)
+    return out, sorted(set(out) - set(mapped))
+
   def setup(self):
     self.setup_encoder()
     dd = self.decoder_embed_dim
@@ -206,8 +352,7 @@ class CAVMAE(_Encoder):
     # At init every branch runs so that every parameter exists whatever the loss weights.
     if self.mae_loss_weight != 0 or self.is_initializing():
       pred_a, pred_v = self.decode(latent, ma.ids_restore, mv.ids_restore)
-      target_a = losses.patchify(losses.spectrogram_image(audio), self.patch_size)
-      target_v = losses.patchify(frames, self.patch_size)
+      target_a, target_v = self.reconstruction_targets(audio, frames)
       loss_a = losses.mae_loss(pred_a, target_a, ma.mask, self.norm_pix_loss)
       loss_v = losses.mae_loss(pred_v, target_v, mv.mask, self.norm_pix_loss)
       out.update(pred_a=pred_a, pred_v=pred_v, loss_mae_a=loss_a, loss_mae_v=loss_v,
@@ -236,6 +381,32 @@ class CAVMAEFT(_Encoder):
   num_classes: int = 527
   trainable_pos_embed: bool = True
 
+  kind = "cav_mae_ft"
+  is_classifier = True
+
+  def modes(self) -> tuple[str, ...]:
+    return common.MODES
+
+  def frozen_param_names(self) -> tuple[str, ...]:
+    return () if self.trainable_pos_embed else POS_EMBED_NAMES[:2]
+
+  def init_rules(self) -> common.InitRules:
+    """From a pretraining checkpoint the encoder (every tensor); its decoder and mask
+    token are dropped; the head is taken from a fine-tuned checkpoint of the same class
+    count, else it starts fresh (another label set)."""
+    return common.InitRules(drop=(r"^decoder_", r"^mask_token"), replaceable=(r"^mlp_head_",))
+
+  def forward_flops(self, mode: str = "multimodal") -> float:
+    d, r = self.embed_dim, self.mlp_ratio
+    la, lv = self.num_audio_tokens, self.num_video_tokens
+    n_a, n_v = la * common.uses_audio(mode), lv * common.uses_video(mode)
+    total = self._patch_embed_flops(n_a, n_v)
+    total += self.modality_specific_depth * (flops.block_flops(n_a, d, r)
+                                             + flops.block_flops(n_v, d, r))
+    shared_passes = 2 if mode.startswith("missing") else 1
+    total += shared_passes * self.shared_depth * flops.block_flops(n_a + n_v, d, r)
+    return float(total + 2 * d * self.num_classes)
+
   def setup(self):
     self.setup_encoder()
     self.mlp_head_0 = layers.layer_norm("mlp_head_0", self.norm_eps)
@@ -248,10 +419,9 @@ class CAVMAEFT(_Encoder):
   def pooled(self, audio: Optional[jax.Array], frames: Optional[jax.Array], mode: str
              ) -> jax.Array:
     """The pooled clip vector that `mode` feeds the head."""
-    if mode not in FT_MODES:
-      raise ValueError(f"mode must be one of {FT_MODES}, got {mode!r}")
-    needs_audio = mode in ("multimodal", "audioonly", "missingaudioonly")
-    needs_video = mode in ("multimodal", "videoonly", "missingvideoonly")
+    if mode not in common.MODES:
+      raise ValueError(f"mode must be one of {common.MODES}, got {mode!r}")
+    needs_audio, needs_video = common.uses_audio(mode), common.uses_video(mode)
     if (needs_audio and audio is None) or (needs_video and frames is None):
       raise ValueError(f"mode {mode!r} needs {'audio' if needs_audio else ''}"
                        f"{' and ' if needs_audio and needs_video else ''}"
@@ -282,14 +452,40 @@ class CAVMAEFT(_Encoder):
     return self.encode_feat(audio, frames)
 
 
-def frozen_param_names(model: nn.Module) -> tuple[str, ...]:
-  """Top-level parameters the optimizer must not update (fixed sin-cos tables).
 
-  Other model kinds are delegated (callers should prefer `models.frozen_param_names`).
+def reference_config(state_dict: Mapping[str, Any], source: str = "state dict"
+                     ) -> Optional[dict[str, Any]]:
+  """The model config (see models.build) of a reference CAV-MAE state dict, None if it is
+  not one (no `modality_a`).
+
+  Shapes fix widths, depths, grid sizes and the class count; head counts cannot be read
+  from shapes, so they follow the ViT convention (head_dim 64 in the encoder, 32 in the
+  decoder) unless the caller overrides them.
   """
-  if not isinstance(model, (CAVMAE, CAVMAEFT)):
-    from avmae_jax.models import mavil  # pylint: disable=import-outside-toplevel
-    return mavil.frozen_param_names(model)
-  if getattr(model, "trainable_pos_embed", True):
-    return ()
-  return POS_EMBED_NAMES if isinstance(model, CAVMAE) else POS_EMBED_NAMES[:2]
+  if "modality_a" not in state_dict:
+    return None
+
+  def shape(key):
+    if key not in state_dict:
+      raise common.CheckpointError(f"{source}: not a CAV-MAE state dict (no {key})")
+    return tuple(state_dict[key].shape)
+
+  embed_dim = shape("modality_a")[-1]
+  patch = shape("patch_embed_a.proj.weight")[-1]
+  n_audio, n_video = shape("pos_embed_a")[1], shape("pos_embed_v")[1]
+  mel_rows = 128 // patch  # the reference fixes 128 mel bins; its audio grid is (8, T/16)
+  side = int(round(n_video ** 0.5))
+  cfg = dict(
+      img_size=side * patch, audio_length=(n_audio // mel_rows) * patch,
+      num_mel_bins=mel_rows * patch, patch_size=patch,
+      in_chans=shape("patch_embed_v.proj.weight")[1], embed_dim=embed_dim,
+      num_heads=max(1, embed_dim // 64),
+      modality_specific_depth=common.count_blocks(state_dict, r"blocks_a\.(\d+)\."),
+      shared_depth=common.count_blocks(state_dict, r"blocks_u\.(\d+)\."),
+      mlp_ratio=shape("blocks_a.0.mlp.fc1.weight")[0] / embed_dim)
+  if "mlp_head.1.weight" in state_dict:
+    return dict(kind="cav_mae_ft", num_classes=shape("mlp_head.1.weight")[0], **cfg)
+  decoder_dim = shape("decoder_embed.weight")[0]
+  return dict(kind="cav_mae", decoder_embed_dim=decoder_dim,
+              decoder_depth=common.count_blocks(state_dict, r"decoder_blocks\.(\d+)\."),
+              decoder_num_heads=max(1, decoder_dim // 32), **cfg)

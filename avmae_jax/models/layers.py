@@ -7,7 +7,7 @@ is a mechanical rename plus transposes, with no per-key table.
 Every parameter carries logical axis names ("embed", "mlp", "heads", ...) and activations
 are constrained with ("act_batch", "act_length", "act_embed") (separate names, so that a
 parameter's embed axis and an activation's can map to different mesh axes);
-`avmae_jax.sharding` maps both onto a mesh with a short rule list. Outside a mesh
+`avmae_jax.parallel.rules` maps both onto a mesh with a short rule list. Outside a mesh
 (`jax.set_mesh`) the annotations are no-ops.
 """
 
@@ -117,39 +117,6 @@ def layer_norm(name: str, eps: float, dtype: Dtype = jnp.float32) -> nn.LayerNor
       epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
       scale_init=nn.with_logical_partitioning(ones, ("norm",)),
       bias_init=nn.with_logical_partitioning(zeros, ("norm",)))
-
-
-class TwoTowerEncoder(nn.Module):
-  """The fields and helpers CAV-MAE's and MAViL's encoders share: input geometry, width,
-  heads, norms, position-table training, rematerialisation and compute dtype. Each model
-  adds its depths, video geometry and token grids (their layouts differ)."""
-  img_size: int = 224
-  audio_length: int = 1024
-  num_mel_bins: int = 128
-  patch_size: int = 16
-  in_chans: int = 3
-  embed_dim: int = 768
-  num_heads: int = 12
-  mlp_ratio: float = 4.0
-  norm_eps: float = TORCH_LAYERNORM_EPS
-  trainable_pos_embed: bool = False
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-
-  @property
-  def num_audio_tokens(self) -> int:
-    rows, cols = self.audio_grid
-    return rows * cols
-
-  def _pos(self, table: jax.Array) -> jax.Array:
-    """A position table, fixed (no gradient) unless `trainable_pos_embed`."""
-    return table if self.trainable_pos_embed else jax.lax.stop_gradient(table)
-
-  def check_audio(self, audio: Optional[jax.Array]):
-    want = (self.audio_length, self.num_mel_bins)
-    if audio is not None and (audio.ndim != 3 or audio.shape[1:] != want):
-      raise ValueError(f"audio must be [batch, {want[0]}, {want[1]}] (time, mel bins), "
-                       f"got {tuple(audio.shape)}")
 
 
 def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

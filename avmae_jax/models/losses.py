@@ -1,4 +1,5 @@
-"""Patch layout and the losses of CAV-MAE and MAViL: masked reconstruction, InfoNCE.
+"""Patch layout and the losses of CAV-MAE and MAViL: masked reconstruction, InfoNCE, and the
+classification losses of their fine-tuning models.
 
 Images are NHWC. For CAV-MAE a spectrogram [B, T, F] is the image [B, F, T, 1] (height =
 frequency, width = time), so one patchify serves both modalities and reproduces the
@@ -9,6 +10,7 @@ patches video [B, T, H, W, C] into tubelets with inner order (u, p, q, c) (MAE-S
 
 import jax
 import jax.numpy as jnp
+import optax
 
 # The reference's per-patch normalisation adds this under the square root.
 NORM_PIX_EPS = 1e-6
@@ -108,3 +110,17 @@ def contrastive_loss(audio_rep: jax.Array, video_rep: jax.Array, temperature: fl
     nce_t, acc_t = one_way(jnp.swapaxes(sim, 1, 2))
     nce, acc = (nce + nce_t) / 2, (acc + acc_t) / 2
   return nce, acc
+
+
+# Fine-tuning losses: "bce" (multi-label, AudioSet) and "ce" (single-label, VGGSound).
+CLASSIFICATION_LOSSES = ("bce", "ce")
+
+
+def classification_loss(logits: jax.Array, targets: jax.Array, loss: str) -> jax.Array:
+  """Per-clip loss [B]: BCE with logits averaged over classes (so its batch mean is torch's
+  BCEWithLogitsLoss), or cross-entropy against soft targets (torch's CrossEntropyLoss with
+  probability targets)."""
+  logits, targets = logits.astype(jnp.float32), targets.astype(jnp.float32)
+  if loss == "bce":
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=-1)
+  return optax.softmax_cross_entropy(logits, targets)

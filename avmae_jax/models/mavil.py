@@ -1,4 +1,4 @@
-"""MAViL in Flax: `MAViL` (pretraining, stage 1 and stage 2) and `MAViLFT` (fine-tuning).
+"""MAViL in Flax: `MAViL` (pretraining, stage 1 and stage 2) and the encoder `MAViLFT` shares.
 
 The numerical contract is the project spec mavil.md; where the authors' inference code (the
 AV-SUPERB port, `upstream_models/mavil`) fixes something, we follow it, so that its released
@@ -20,38 +20,82 @@ What the authors never released (pretraining) follows the spec's "our defaults",
 field; the decisions this file adds are documented where they are made (MAViL docstring).
 
 Masking is static-shape (masking.py) from noise drawn from the "masking" rng stream or passed
-in. Parameters carry logical axis names (layers.py) so `avmae_jax.sharding.RULES` applies.
+in. Parameters carry logical axis names (layers.py) so `avmae_jax.parallel.rules` applies.
+
+Also here, next to the models: their size presets, what the rest of the code asks of them
+(models/common.py; for stage 2 the teacher: which model may teach, which of its parameters
+make the targets), and the model config a reference state dict describes (`reference_config`).
 """
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avmae_jax.models import common
+from avmae_jax.models import flops
 from avmae_jax.models import layers
 from avmae_jax.models import losses
 from avmae_jax.models import masking
 
-FT_MODES = ("multimodal", "audioonly", "videoonly")
-FT_HEADS = ("multimodal", "unimodal", "all")
-HEAD_MODES = {"multimodal": FT_MODES[:1], "unimodal": FT_MODES[1:], "all": FT_MODES}
 STAGES = (1, 2)
-# What the trainer logs from MAViL.__call__ (scalars only).
+# The scalars MAViL.__call__ returns that a training run logs.
 PRETRAIN_METRICS = ("loss", "loss_rec_a", "loss_rec_v", "loss_inter", "loss_intra_a",
                     "loss_intra_v", "acc_inter", "acc_intra_a", "acc_intra_v")
 ENCODER_POS_EMBED_NAMES = ("pos_embed", "pos_embed_v")
 DECODER_POS_EMBED_NAMES = ("decoder_pos_embed", "decoder_pos_embed_v")
+# A 12-layer ViT per modality, 2 fusion layers (3 when fine-tuning, as in the released
+# model: `MAViLFT.size_fields`), decoders 8 x 512. `tiny` keeps the real input sizes
+# (1024x128 audio, 8 frames of 224x224); widths are multiples of 16 (3-D sin-cos tables).
+SIZES = {
+    "base": dict(embed_dim=768, num_heads=12, encoder_depth=12, fusion_depth=2,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "tiny": dict(embed_dim=128, num_heads=2, encoder_depth=2, fusion_depth=1,
+                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
+}
+# Stage 2: what a teacher shares with its student (inputs and feature width), and the
+# teacher parameters the targets never touch (decoders and the final norm).
+_TEACHER_FIELDS = ("audio_length", "num_mel_bins", "img_size", "num_frames", "tubelet_size",
+                   "patch_size", "in_chans", "embed_dim")
+_TEACHER_UNUSED = ("decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred")
+_TEACHER_UNUSED_EXACT = ("norm",)
 
 
-class _Encoder(layers.TwoTowerEncoder):
+class MAViLEncoder(common.AVModel):
   """Patch embeddings, cls tokens, position tables, per-modality ViTs and the fusion blocks."""
   num_frames: int = 8
   tubelet_size: int = 2
   encoder_depth: int = 12
   fusion_depth: int = 2
   norm_eps: float = 1e-6  # timm's ViT
+
+  sizes = SIZES
+
+  @property
+  def _fusion_layers(self) -> int:
+    """Fusion blocks this model runs (lr-decay layer ids count them)."""
+    return self.fusion_depth
+
+  def lr_layers(self) -> common.LrLayers:
+    return common.lr_layers_from_patterns(
+        r"^(patch_embed|cls_token|pos_embed)", r"^blocks_(?:v_)?(\d+)/", r"^blocks_av_(\d+)/",
+        self.encoder_depth, self._fusion_layers)
+
+  def _patch_embed_flops(self, use_a: bool = True, use_v: bool = True) -> float:
+    return flops.patch_embed_flops(
+        self.embed_dim, self.patch_size ** 2,
+        self.num_audio_tokens * use_a
+        + self.tubelet_size * self.in_chans * self.num_video_tokens * use_v)
+
+  def _encoder_flops(self) -> float:
+    """Unmasked ViTs (cls included) and the fusion blocks: a teacher's forward pass."""
+    d, r = self.embed_dim, self.mlp_ratio
+    la, lv = self.num_audio_tokens + 1, self.num_video_tokens + 1
+    total = self._patch_embed_flops()
+    total += self.encoder_depth * (flops.block_flops(la, d, r) + flops.block_flops(lv, d, r))
+    return float(total + self.fusion_depth * flops.block_flops(la + lv, d, r))
 
   @property
   def audio_grid(self) -> tuple[int, int]:
@@ -194,7 +238,7 @@ class _Encoder(layers.TwoTowerEncoder):
     return x[:, 1:na], x[:, na + 1:]
 
 
-class MAViL(_Encoder):
+class MAViL(MAViLEncoder):
   """The pretraining model; `stage` 1 (reconstruction + contrast) or 2 (self-training).
 
   Decisions beyond the spec (the authors' pretraining code is unreleased):
@@ -232,6 +276,80 @@ class MAViL(_Encoder):
   intra_contrast_weight: float = 0.01
   # Stage 2: also optimise the stage-1 contrastive terms (same weights) next to the MSE.
   stage2_contrastive: bool = True
+
+  kind = "mavil"
+  metric_names = PRETRAIN_METRICS
+
+  def frozen_param_names(self) -> tuple[str, ...]:
+    if self.trainable_pos_embed:
+      return ()
+    return ENCODER_POS_EMBED_NAMES + DECODER_POS_EMBED_NAMES
+
+  def forward_flops(self, mode: str = "multimodal") -> float:
+    """The patch embeddings once per clip (the views share them), both ViTs on each masked
+    view (kept tokens + cls), fusion and the two decoders on view 1."""
+    del mode
+    d, r = self.embed_dim, self.mlp_ratio
+    la, lv = self.num_audio_tokens, self.num_video_tokens
+    ka = masking.num_kept(la, self.mask_ratio_a)
+    kv = masking.num_kept(lv, self.mask_ratio_v)
+    total = self._patch_embed_flops()
+    total += self.num_views * self.encoder_depth * (flops.block_flops(ka + 1, d, r)
+                                                    + flops.block_flops(kv + 1, d, r))
+    total += self.fusion_depth * flops.block_flops(ka + kv + 2, d, r)
+    dd, p2 = self.decoder_embed_dim, self.patch_size ** 2
+    if self.stage == 1:
+      out_a, out_v = p2, self.tubelet_size * p2 * self.in_chans
+    else:
+      out_a = out_v = d
+    for kept, length, out in ((ka, la, out_a), (kv, lv, out_v)):
+      total += 2 * (kept + 1) * d * dd  # decoder_embed
+      total += self.decoder_depth * flops.block_flops(length + 1, dd, r)
+      total += 2 * length * dd * out  # decoder_pred (cls dropped first)
+    return float(total)
+
+  # -- Stage 2: the teacher (tasks/self_training.py owns the rest) ------------------------
+
+  @property
+  def needs_teacher(self) -> bool:
+    return self.stage == 2
+
+  def teacher_flops(self) -> float:
+    return self._encoder_flops() if self.needs_teacher else 0.0
+
+  def check_teacher(self, teacher: nn.Module) -> None:
+    """Raises ValueError unless `teacher` can make this model's targets: a MAViL
+    pretraining model (stage 1 or 2) with the same inputs and feature width."""
+    if not isinstance(teacher, MAViL):
+      raise ValueError(f"config.teacher must be a MAViL pretraining model (kind 'mavil'), "
+                       f"got kind {getattr(teacher, 'kind', type(teacher).__name__)!r}")
+    bad = [f"{name} (teacher {getattr(teacher, name)}, student {getattr(self, name)})"
+           for name in _TEACHER_FIELDS if getattr(teacher, name) != getattr(self, name)]
+    if bad:
+      raise ValueError(f"config.teacher does not fit the student: {', '.join(bad)} differ")
+
+  @staticmethod
+  def teacher_subset(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher parameters the targets use: all but its decoders and final norm (its
+    submodules, so absent parameters are never looked up)."""
+    return {k: v for k, v in params.items()
+            if not k.startswith(_TEACHER_UNUSED) and k not in _TEACHER_UNUSED_EXACT}
+
+  @staticmethod
+  def describe_teacher(teacher: "MAViL") -> tuple[str, dict[str, Any]]:
+    """(a few words, the fields the run's teacher record keeps) of a teacher."""
+    return f"MAViL stage {teacher.stage}", {"teacher_stage": teacher.stage}
+
+  def stand_in_teacher(self) -> "MAViL":
+    """A teacher of this model's architecture (stage 1), for benchmarks: a step's cost
+    does not depend on the teacher's values."""
+    return self.clone(stage=1)
+
+  @staticmethod
+  def targets_from(teacher: "MAViL", teacher_params: Any, audio: jax.Array,
+                   frames: jax.Array) -> dict[str, jax.Array]:
+    """`compute_teacher_targets`: what `__call__` takes as `teacher_targets`."""
+    return compute_teacher_targets(teacher, teacher_params, audio, frames)
 
   @property
   def contrastive(self) -> bool:
@@ -414,85 +532,58 @@ def compute_teacher_targets(teacher: MAViL, teacher_params: Any, audio: jax.Arra
   return jax.tree.map(jax.lax.stop_gradient, targets)
 
 
-class MAViLFT(_Encoder):
-  """The fine-tuning model: unmasked encoders, mean pooling, LayerNorm + Linear heads.
+def reference_config(state_dict: Mapping[str, Any], source: str = "state dict"
+                     ) -> Optional[dict[str, Any]]:
+  """The model config (kinds mavil and mavil_ft) of a MAViL state dict in the reference
+  layout, None if it is not one (no 5-D `patch_embed_v.proj.weight`).
 
-  `heads` picks the parameters: "multimodal" (the released audio+video model: fusion blocks
-  `blocks_av` (3, one more than pretraining), mean-pool audio and video patch tokens of the
-  fusion output separately, concat [2D], `fc_norm_av`, `head_av`), "unimodal" (no fusion;
-  each ViT's patch tokens mean-pooled, `fc_norm_a`/`head_a` and `fc_norm_v`/`head_v`), or
-  "all" (both sets, every mode callable). Call with mode "multimodal", "audioonly" or
-  "videoonly"; an unused input may be None.
+  Shapes give the token counts, not the input sizes; like the reference, we assume 128 mel
+  bins (so audio_length = tokens / 8 * 16) and 224x224 frames (so num_frames = video tokens
+  / 196 * tubelet). Other input sizes: pass them as overrides. Head counts follow the ViT
+  convention (head_dim 64 in the encoder, 32 in the decoder).
   """
-  num_classes: int = 527
-  heads: str = "multimodal"
-  fusion_depth: int = 3
-  # Stochastic depth in training (see setup_encoder; on when apply gets a "dropout" rng).
-  drop_path_rate: float = 0.0
+  video_patches = state_dict.get("patch_embed_v.proj.weight")
+  if video_patches is None or len(video_patches.shape) != 5:
+    return None
 
-  def setup(self):
-    if self.heads not in FT_HEADS:
-      raise ValueError(f"heads must be one of {FT_HEADS}, got {self.heads!r}")
-    if not 0.0 <= self.drop_path_rate < 1.0:
-      raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-    self.setup_encoder(with_fusion=self.heads != "unimodal",
-                       drop_path_rate=self.drop_path_rate)
-    c = self.num_classes
-    if self.heads in ("multimodal", "all"):
-      self.fc_norm_av = layers.layer_norm("fc_norm_av", self.norm_eps)
-      self.head_av = layers.dense(c, ("embed", "classes"), jnp.float32, "head_av")
-    if self.heads in ("unimodal", "all"):
-      self.fc_norm_a = layers.layer_norm("fc_norm_a", self.norm_eps)
-      self.head_a = layers.dense(c, ("embed", "classes"), jnp.float32, "head_a")
-      self.fc_norm_v = layers.layer_norm("fc_norm_v", self.norm_eps)
-      self.head_v = layers.dense(c, ("embed", "classes"), jnp.float32, "head_v")
+  def shape(key):
+    if key not in state_dict:
+      raise common.CheckpointError(f"{source}: not a MAViL state dict (no {key})")
+    return tuple(state_dict[key].shape)
 
-  def modes(self) -> tuple[str, ...]:
-    """The call modes this model's heads support."""
-    return HEAD_MODES[self.heads]
-
-  def logits(self, audio: Optional[jax.Array], frames: Optional[jax.Array], mode: str
-             ) -> jax.Array:
-    if mode not in FT_MODES:
-      raise ValueError(f"mode must be one of {FT_MODES}, got {mode!r}")
-    if mode not in self.modes():
-      raise ValueError(f"mode {mode!r} needs heads in "
-                       f"{[h for h, modes in HEAD_MODES.items() if mode in modes]}; "
-                       f"this model has heads={self.heads!r}")
-    needs_audio, needs_video = mode != "videoonly", mode != "audioonly"
-    if (needs_audio and audio is None) or (needs_video and frames is None):
-      needed = {"multimodal": "audio and frames", "audioonly": "audio",
-                "videoonly": "frames"}[mode]
-      raise ValueError(f"mode {mode!r} needs {needed}")
-    a, v = self.encode_unmasked(audio if needs_audio else None,
-                                frames if needs_video else None)
-    if mode == "multimodal":
-      x = self.fuse(a, v)
-      na = a.shape[1]
-      pooled = jnp.concatenate([x[:, 1:na].mean(axis=1), x[:, na + 1:].mean(axis=1)], axis=-1)
-      return self.head_av(self.fc_norm_av(pooled))
-    if mode == "audioonly":
-      return self.head_a(self.fc_norm_a(a[:, 1:].mean(axis=1)))
-    return self.head_v(self.fc_norm_v(v[:, 1:].mean(axis=1)))
-
-  def __call__(self, audio: Optional[jax.Array], frames: Optional[jax.Array],
-               mode: Optional[str] = None) -> jax.Array:
-    """Logits [B, num_classes]; mode None is the first the heads support (multimodal, or
-    audioonly for unimodal heads)."""
-    mode = self.modes()[0] if mode is None else mode
-    if self.is_initializing():  # run every head once so that every parameter exists
-      for other in self.modes():
-        if other != mode:
-          self.logits(audio, frames, other)
-    return self.logits(audio, frames, mode)
-
-
-def frozen_param_names(model: nn.Module) -> tuple[str, ...]:
-  """Top-level parameters the optimizer must not update (the fixed sin-cos tables)."""
-  if not isinstance(model, (MAViL, MAViLFT)):
-    raise TypeError(f"not a MAViL model: {type(model).__name__}")
-  if model.trainable_pos_embed:
-    return ()
-  if isinstance(model, MAViL):
-    return ENCODER_POS_EMBED_NAMES + DECODER_POS_EMBED_NAMES
-  return ENCODER_POS_EMBED_NAMES
+  embed_dim, in_chans, tubelet, patch, _ = shape("patch_embed_v.proj.weight")
+  n_audio, n_video = shape("pos_embed")[1] - 1, shape("pos_embed_v")[1] - 1
+  mel_cols, side = 128 // patch, 224 // patch
+  if n_audio % mel_cols or n_video % (side * side):
+    raise common.CheckpointError(
+        f"{source}: {n_audio} audio / {n_video} video tokens do not fit 128 mel bins and "
+        f"224x224 frames with patch {patch}; pass the input sizes as overrides")
+  cfg = dict(
+      img_size=side * patch, num_frames=n_video // (side * side) * tubelet,
+      tubelet_size=tubelet, audio_length=n_audio // mel_cols * patch,
+      num_mel_bins=mel_cols * patch, patch_size=patch, in_chans=in_chans,
+      embed_dim=embed_dim, num_heads=max(1, embed_dim // 64),
+      encoder_depth=common.count_blocks(state_dict, r"blocks\.(\d+)\."),
+      mlp_ratio=shape("blocks.0.mlp.fc1.weight")[0] / embed_dim)
+  fusion_depth = common.count_blocks(state_dict, r"blocks_av\.(\d+)\.")
+  if "head_av.weight" in state_dict or "head_a.weight" in state_dict:
+    has_av, has_uni = "head_av.weight" in state_dict, "head_a.weight" in state_dict
+    heads = "all" if has_av and has_uni else ("multimodal" if has_av else "unimodal")
+    classes = shape("head_av.weight" if has_av else "head_a.weight")[0]
+    if has_av:
+      cfg["fusion_depth"] = fusion_depth
+    return dict(kind="mavil_ft", num_classes=classes, heads=heads, **cfg)
+  decoder_dim, _ = shape("decoder_embed.weight")
+  out_a, out_v = shape("decoder_pred.weight")[0], shape("decoder_pred_v.weight")[0]
+  if out_a == patch * patch and out_v == tubelet * patch * patch * in_chans:
+    stage = 1
+  elif out_a == out_v == embed_dim:
+    stage = 2
+  else:
+    raise common.CheckpointError(
+        f"{source}: decoder_pred / decoder_pred_v output {out_a} / {out_v} values, neither "
+        f"pixels (stage 1) nor features {embed_dim} (stage 2)")
+  return dict(kind="mavil", stage=stage, fusion_depth=fusion_depth,
+              decoder_embed_dim=decoder_dim,
+              decoder_depth=common.count_blocks(state_dict, r"decoder_blocks\.(\d+)\."),
+              decoder_num_heads=max(1, decoder_dim // 32), **cfg)

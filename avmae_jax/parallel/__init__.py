@@ -1,0 +1,1 @@
+"""Placing work on devices: the mesh and shardings (`mesh`), the logical-axis rules (`rules`)."""
