@@ -19,6 +19,23 @@ def config_path(spec: str) -> str:
   """configs/FILE.py[:args] as an absolute path."""
   return os.path.join(ROOT, "configs", spec)
 
+# The demo's dataset as the command tests use it: 32 training and 8 held-out clips (the
+# session's `synthetic_data_dir` fixture prepares it once), held out in batches of 8.
+DEMO_DATA_FLAGS = ("--config.synthetic.num_train=32", "--config.synthetic.num_test=8",
+                   "--config.eval_data.batch_size=8")
+
+
+def demo_train_cmd(workdir: str, data_dir: str, steps: int) -> list:
+  """`python -m avmae_jax.train` on configs/demo.py: batch 8, every step logged, no
+  checkpoint before the last step, a retrieval evaluation at the last step."""
+  import sys  # pylint: disable=import-outside-toplevel
+  return [sys.executable, "-m", "avmae_jax.train",
+          "--config", config_path(f"demo.py:data_dir={data_dir},steps={steps}"),
+          "--workdir", workdir, "--config.batch_size=8", "--config.log_every=1",
+          "--config.checkpoint_every=1000", "--config.data.shuffle_buffer=32",
+          *DEMO_DATA_FLAGS]
+
+
 # A tiny CAV-MAE pretraining run: small inputs (audio 256 x 128, frames 64 x 64), batch 2.
 AUDIO_LENGTH, IMG_SIZE = 256, 64
 

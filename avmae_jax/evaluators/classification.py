@@ -109,7 +109,7 @@ class Classification:
     """Per mode: `metrics.classification_metrics` figures, "frames" (frames per clip the
     scores average over) and "loss" (mean per-clip loss; None when frames were averaged)."""
     scores = {m: [] for m in self.modes}
-    losses = {m: [] for m in self.modes}
+    per_clip_losses = {m: [] for m in self.modes}
     frames, labels = {m: 1 for m in self.modes}, []
     for out, keep in common.passes((self.fn,), params, batches, self.keys, self._check):
       labels.append(np.asarray(out.pop("labels"), np.float32)[keep])
@@ -117,14 +117,14 @@ class Classification:
         scores[mode].append(got["scores"][keep])
         frames[mode] = got["frames"]
         if got["loss"] is not None:
-          losses[mode].append(got["loss"][keep])
+          per_clip_losses[mode].append(got["loss"][keep])
     labels = np.concatenate(labels)
     results = {}
     for mode in self.modes:
       figures = metrics.classification_metrics(np.concatenate(scores[mode]), labels,
                                                multilabel=self.activation == "sigmoid")
       figures["frames"] = frames[mode]
-      figures["loss"] = (float(np.concatenate(losses[mode]).mean()) if losses[mode]
-                         else None)
+      figures["loss"] = (float(np.concatenate(per_clip_losses[mode]).mean())
+                         if per_clip_losses[mode] else None)
       results[mode] = figures
     return results

@@ -247,7 +247,7 @@ def test_clear_errors(torch_pretrained, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_command_end_to_end_matches_the_pytorch_port(tmp_path):
+def test_evaluate_command_end_to_end_matches_the_pytorch_port(tmp_path, synthetic_data_dir):
   torch = pytest.importorskip("torch")
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
@@ -258,22 +258,21 @@ def test_evaluate_command_end_to_end_matches_the_pytorch_port(tmp_path):
   ref = torch_port.CAVMAE(**models.size_fields("tiny"), audio_length=256, img_size=112).eval()
   pth = str(tmp_path / "tiny.pth")
   torch.save(ref.state_dict(), pth)
-  data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "eval")
-  overrides = ["--config.synthetic.num_train=2", "--config.synthetic.num_test=6",
-               "--config.eval_data.batch_size=4"]
+  data_dir, workdir = synthetic_data_dir, str(tmp_path / "eval")
+  overrides = list(_helpers.DEMO_DATA_FLAGS)
   cmd = [sys.executable, "-m", "avmae_jax.evaluate", "--config",
          f"configs/demo.py:data_dir={data_dir}", *overrides, "--workdir", workdir]
   out = subprocess.run(cmd + ["--task", "retrieval", "--checkpoint", pth], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "audio->video" in out.stdout and "retrieval on 6 clips" in out.stdout
+  assert "audio->video" in out.stdout and "retrieval on 8 clips" in out.stdout
   with open(os.path.join(workdir, "eval_retrieval.json")) as f:
     got = json.load(f)
 
   # the same clips through the pipeline here, and the port's forward_feat on them
   config = config_args.load_config(_helpers.config_path(f"demo.py:data_dir={data_dir}"))
-  config.synthetic.num_train, config.synthetic.num_test = 2, 6
-  config.eval_data.batch_size = 4
+  config.synthetic.num_train, config.synthetic.num_test = 32, 8
+  config.eval_data.batch_size = 8
   audio, video = [], []
   for batch in cli.input_iterator(config):
     keep = batch["mask"] > 0
@@ -283,7 +282,7 @@ def test_evaluate_command_end_to_end_matches_the_pytorch_port(tmp_path):
     audio.append(a.mean(1).numpy())
     video.append(v.mean(1).numpy())
   want = metrics.retrieval_metrics(np.concatenate(audio), np.concatenate(video))
-  assert want["num_clips"] == 6
+  assert want["num_clips"] == 8
   for key, value in want.items():
     assert got[key] == value, key
 

@@ -193,25 +193,24 @@ def demo_size_pth(tmp_path_factory):
 
 def _cli(module, data_dir, *args):
   cmd = [sys.executable, "-m", module, "--config", f"configs/demo.py:data_dir={data_dir}",
-         "--config.synthetic.num_train=2", "--config.synthetic.num_test=5",
-         "--config.eval_data.batch_size=4", *args]
+         *_helpers.DEMO_DATA_FLAGS, *args]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_extract_and_inpaint_commands(demo_size_pth, tmp_path):
+def test_extract_and_inpaint_commands(demo_size_pth, synthetic_data_dir, tmp_path):
   path, _ = demo_size_pth
-  data_dir = str(tmp_path / "tfds")
+  data_dir = synthetic_data_dir
   out = _cli("avmae_jax.extract", data_dir, "--checkpoint", path, "--out",
              str(tmp_path / "features"), "--shard_size", "3")
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "5 clips of split 'test'" in out.stdout
+  assert "8 clips of split 'test'" in out.stdout
   with open(tmp_path / "features" / "index.json") as f:
     index = json.load(f)
-  assert [s["num_clips"] for s in index["shards"]] == [3, 2]  # 5 clips, padding dropped
+  assert [s["num_clips"] for s in index["shards"]] == [3, 3, 2]  # 8 clips, padding dropped
   ids = np.concatenate([np.load(tmp_path / "features" / s["file"])["clip_id"]
                         for s in index["shards"]])
-  assert sorted(ids) == [f"test_{i:06d}" for i in range(5)]
+  assert sorted(ids) == [f"test_{i:06d}" for i in range(8)]
 
   out = _cli("avmae_jax.inpaint", data_dir, "--checkpoint", path, "--out",
              str(tmp_path / "pictures"), "--num", "2")

@@ -1,6 +1,7 @@
 """The training loop's evaluation and `python -m avmae_jax.evaluate` give the same figures
-for the same checkpoint: retrieval after pretraining, and classification averaged over the
-10 frames of each clip after fine-tuning (both use avmae_jax/evaluators)."""
+for the same checkpoint (both use avmae_jax/evaluators): retrieval at the end of the train
+command's demo run (the session's `demo_pretrain_workdir`), and classification averaged over
+the 10 frames of each clip at the end of a fine-tuning run from it."""
 
 import json
 import math
@@ -12,10 +13,8 @@ import pytest
 
 from tests import _helpers
 
-# The synthetic dataset of the resume and demo fine-tuning tests (the same settings, so the
-# session's data_dir builds it once).
-DATA = ["--config.synthetic.num_train=32", "--config.synthetic.num_test=8",
-        "--config.eval_data.batch_size=8"]
+# The session's synthetic dataset (conftest.py), as the shared demo run reads it.
+DATA = list(_helpers.DEMO_DATA_FLAGS)
 
 
 def _small(config):
@@ -35,14 +34,15 @@ def _evaluate(config_spec, workdir, out, *flags):
 
 
 @pytest.mark.slow
-def test_training_evaluation_and_the_evaluate_command_agree(tmp_path, synthetic_data_dir, capsys):
+def test_training_evaluation_and_the_evaluate_command_agree(tmp_path, synthetic_data_dir,
+                                                           demo_pretrain_workdir, capsys):
   from avmae_jax import config_args, train  # pylint: disable=import-outside-toplevel
-  data_dir = synthetic_data_dir
-  demo = f"demo.py:data_dir={data_dir},steps=2"
-  pretrain = _small(config_args.load_config(_helpers.config_path(demo)))
-  pre = str(tmp_path / "pre")
-  during = train.train(pretrain, pre)  # evaluates at its last step
-  assert during["num_clips"] == 8 and "eval_loss_mae_a" in during
+  from avmae_jax.training import summary  # pylint: disable=import-outside-toplevel
+  data_dir, pre = synthetic_data_dir, demo_pretrain_workdir
+  demo = f"demo.py:data_dir={data_dir}"
+  # The train command's evaluation at the last step of the shared demo run.
+  (during,) = summary.read_metrics(pre, kind="eval")
+  assert during["step"] == 8 and during["num_clips"] == 8 and "eval_loss_mae_a" in during
   _evaluate(_helpers.config_path(demo), pre, str(tmp_path / "eval_pre"), "--task", "retrieval")
   with open(tmp_path / "eval_pre" / "eval_retrieval.json") as f:
     command = json.load(f)

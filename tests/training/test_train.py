@@ -73,36 +73,24 @@ def test_meshes_give_the_same_losses():
             name, step, key, got[key], want[key])
 
 
-def _train_cmd(workdir, data_dir, steps, *extra):
-  return [sys.executable, "-m", "avmae_jax.train",
-          "--config", f"configs/demo.py:data_dir={data_dir},steps={steps}",
-          "--workdir", workdir, "--config.batch_size=8", "--config.log_every=1",
-          "--config.checkpoint_every=1000", "--config.eval_every=0",
-          "--config.synthetic.num_train=32", "--config.synthetic.num_test=8",
-          "--config.data.shuffle_buffer=32", *extra]
-
-
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   for r in records:
-    r.pop("samples_per_s")
+    r.pop("samples_per_s", None)  # evaluation records have none
   return records
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_is_bit_exact(tmp_path, synthetic_data_dir):
-  data_dir, steps = synthetic_data_dir, 8  # the demo fine-tuning test's dataset too
-  straight = str(tmp_path / "straight")
-  out = subprocess.run(_train_cmd(straight, data_dir, steps), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  want = _records(straight)
-  assert [r["step"] for r in want] == list(range(1, steps + 1))
+def test_resume_after_sigterm_is_bit_exact(tmp_path, synthetic_data_dir, demo_pretrain_workdir):
+  steps = 8  # the shared demo run's: the uninterrupted reference
+  want = _records(demo_pretrain_workdir)
+  assert [r["step"] for r in want] == list(range(1, steps + 1)) + [steps]  # + its evaluation
 
   interrupted = str(tmp_path / "interrupted")
-  proc = subprocess.Popen(_train_cmd(interrupted, data_dir, steps), cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  cmd = _helpers.demo_train_cmd(interrupted, synthetic_data_dir, steps)
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
   metrics = os.path.join(interrupted, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -115,8 +103,7 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, synthetic_data_dir):
   assert "preempted: saved step" in stdout, stdout
   stopped_at = len(_records(interrupted))
   assert 3 <= stopped_at < steps, "SIGTERM came too late to test a resume"
-  out = subprocess.run(_train_cmd(interrupted, data_dir, steps), cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert _records(interrupted) == want  # every logged figure identical, bit for bit
 

@@ -101,9 +101,7 @@ def prepare_for_config(config) -> None:
   Points every data section of `config` (data, eval_data where present) at the prepared
   builder directory. A no-op for configs without a `synthetic` section. Its optional
   `num_frames` is the frames stored per clip (10, CAV-MAE's; 20 = 2 frames/s for MAViL).
-  The evaluate, inpaint and extract commands use it; train.py's `_prepare_synthetic` does
-  the same and could call it (those commands cannot import train.py, which defines absl
-  flags --config and --workdir at import).
+  The train, evaluate, inpaint and extract commands call it.
   """
   import jax  # pylint: disable=import-outside-toplevel
   settings = config.get("synthetic")
