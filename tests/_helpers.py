@@ -21,8 +21,16 @@ def config_path(spec: str) -> str:
 
 # The demo's dataset as the command tests use it: 32 training and 8 held-out clips (the
 # session's `synthetic_data_dir` fixture prepares it once), held out in batches of 8.
-DEMO_DATA_FLAGS = ("--config.synthetic.num_train=32", "--config.synthetic.num_test=8",
-                   "--config.eval_data.batch_size=8")
+DEMO_DATA = {"synthetic.num_train": 32, "synthetic.num_test": 8, "eval_data.batch_size": 8}
+DEMO_DATA_FLAGS = tuple(f"--config.{field}={value}" for field, value in DEMO_DATA.items())
+
+
+def use_demo_data(config):
+  """`config` (configs/demo.py or demo_finetune.py) set to DEMO_DATA, as the flags do."""
+  for field, value in DEMO_DATA.items():
+    section, name = field.split(".")
+    config[section][name] = value
+  return config
 
 
 def demo_train_cmd(workdir: str, data_dir: str, steps: int) -> list:

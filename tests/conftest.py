@@ -104,8 +104,7 @@ def synthetic_data_dir(request, tmp_path_factory):
 
   def make(path):
     config = config_args.load_config(_helpers.config_path(f"demo.py:data_dir={path}"))
-    config.synthetic.num_train, config.synthetic.num_test = 32, 8
-    builders.prepare_for_config(config)
+    builders.prepare_for_config(_helpers.use_demo_data(config))
 
   return str(_made_once(request, tmp_path_factory, "tfds", make))
 

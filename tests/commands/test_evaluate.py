@@ -270,9 +270,8 @@ def test_evaluate_command_end_to_end_matches_the_pytorch_port(tmp_path, syntheti
     got = json.load(f)
 
   # the same clips through the pipeline here, and the port's forward_feat on them
-  config = config_args.load_config(_helpers.config_path(f"demo.py:data_dir={data_dir}"))
-  config.synthetic.num_train, config.synthetic.num_test = 32, 8
-  config.eval_data.batch_size = 8
+  config = _helpers.use_demo_data(
+      config_args.load_config(_helpers.config_path(f"demo.py:data_dir={data_dir}")))
   audio, video = [], []
   for batch in cli.input_iterator(config):
     keep = batch["mask"] > 0

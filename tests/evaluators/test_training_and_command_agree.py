@@ -18,8 +18,8 @@ DATA = list(_helpers.DEMO_DATA_FLAGS)
 
 
 def _small(config):
-  config.synthetic.num_train, config.synthetic.num_test = 32, 8
-  config.batch_size, config.eval_data.batch_size = 8, 8
+  _helpers.use_demo_data(config)
+  config.batch_size = 8
   config.data.shuffle_buffer = 32
   config.log_every = 1
   return config
