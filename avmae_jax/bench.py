@@ -10,6 +10,11 @@ r"""Benchmarks that print measured figures; the last line of each is one JSON ob
       --batch_size 256 [--mesh data=-1,fsdp=4]
       compiles the real train step for a TPU topology on this machine (needs libtpu:
       `pip install "jax[tpu]"`) and prints the per-chip memory XLA plans for it.
+  python -m avmae_jax.bench device [--size base]
+      the accelerator check (one H100/H200 in under 8 minutes): base CAV-MAE and MAViL
+      stage-1 pretraining in bf16 at the largest batch that fits (samples/s, MFU, peak
+      memory, compile s) and the PyTorch port's CAV-MAE step on the same device in bf16
+      autocast and in fp16 autocast with a GradScaler (the authors' setting), with ratios.
   python -m avmae_jax.bench data ...
       prepare and input-pipeline throughput (see avmae_jax/data/benchmark.py).
 
@@ -18,6 +23,7 @@ stage-2 step includes the frozen teacher's forward pass; with config.teacher emp
 random teacher of the student's architecture stands in (timings do not depend on the
 values), else `bench train` loads config.teacher.
 
+--scan_layers, --remat_policy, --attention and --dtype override the config's model fields.
 Timings exclude compilation (reported separately as compile_s) and are the median of
 --steps runs after one warm-up.
 """
@@ -36,6 +42,7 @@ from avmae_jax import config_args
 from avmae_jax import models
 from avmae_jax import tasks
 from avmae_jax.models import flops as flops_lib
+from avmae_jax.models import layers
 from avmae_jax.parallel import mesh as mesh_lib
 from avmae_jax.training import steps
 
@@ -80,9 +87,7 @@ def _aux(trainer_or_task, config, shardings):
 
 
 def bench_model(args) -> dict:
-  config = config_args.load_config(args.config)
-  if args.dtype:
-    config.model.dtype = args.dtype
+  config = _training_config(args)
   module = models.build(config.model)
   task = _task(config, module)
   b = args.batch_size
@@ -129,11 +134,17 @@ def _training_config(args):
   config.batch_size = args.batch_size
   if args.dtype:
     config.model.dtype = args.dtype
-  if args.mesh:
+  if getattr(args, "mesh", None):
     config.mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
-  if args.remat is not None:
-    config.model.remat = args.remat
+  _override_compute_fields(config, args)
   return config
+
+
+def _override_compute_fields(config, args) -> None:
+  with config.ignore_type():  # scan_layers may be "auto" in the config, a bool here
+    for field in ("remat_policy", "scan_layers", "attention"):
+      if getattr(args, field, None) is not None:
+        config.model[field] = getattr(args, field)
 
 
 def _memory(compiled) -> dict:
@@ -150,12 +161,29 @@ def _memory(compiled) -> dict:
 def bench_train(args) -> dict:
   config = _training_config(args)
   mesh = mesh_lib.make_mesh(config.mesh)
+  result = _time_train_step(config, mesh, args.batch_size, args.steps)
+  result["config"] = args.config
+  if args.torch:
+    module = models.build(config.model)
+    if type(_task(config, module)) is not tasks.Pretraining:  # pylint: disable=unidiomatic-typecheck
+      raise SystemExit("--torch compares pretraining steps (a model trained on its own "
+                       "losses: CAV-MAE, MAViL stage 1)")
+    precision = "bf16" if jax.default_backend() != "cpu" else "fp32"
+    result.update(_prefixed("torch_", bench_torch_step(module, args.batch_size, args.steps,
+                                                       precision)))
+    result["speedup_vs_torch"] = round(result["samples_per_s"] /
+                                       result["torch_samples_per_s"], 3)
+  return result
+
+
+def _time_train_step(config, mesh, batch_size: int, steps_to_time: int) -> dict:
+  """Compiles and times the real train step of `config` on `mesh` at `batch_size`."""
   trainer = _build_trainer(config, mesh)
   rng = np.random.default_rng(0)
   with jax.set_mesh(mesh):
     state = trainer.init()
     aux = _aux(trainer, config, trainer.aux_shardings)
-    specs = trainer.batch_spec(args.batch_size)
+    specs = trainer.batch_spec(batch_size)
     batch = {k: jax.device_put(rng.standard_normal(v.shape).astype(v.dtype), v.sharding)
              for k, v in specs.items()}
     start = time.perf_counter()
@@ -164,7 +192,7 @@ def bench_train(args) -> dict:
     state, metrics = compiled(state, batch, aux)  # warm-up
     jax.block_until_ready(metrics)
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps_to_time):
       start = time.perf_counter()
       state, metrics = compiled(state, batch, aux)
       jax.block_until_ready(metrics)
@@ -173,37 +201,51 @@ def bench_train(args) -> dict:
   per_sample = flops_lib.train_flops(trainer.module, config.get("mode", "multimodal"))
   device = jax.devices()[0]
   peak = peak_flops(device.device_kind)
-  achieved = per_sample * args.batch_size / step_s
+  achieved = per_sample * batch_size / step_s
   stats = device.memory_stats() or {}
-  result = {
-      "bench": "train", "config": args.config, "kind": trainer.module.kind,
-      "dtype": jnp.dtype(trainer.module.dtype).name, "batch_size": args.batch_size,
-      "mesh": dict(mesh.shape), "steps": args.steps, "step_ms": round(step_s * 1e3, 2),
-      "compile_s": round(compile_s, 2), "samples_per_s": round(args.batch_size / step_s, 3),
+  del state
+  return {
+      "bench": "train", "kind": trainer.module.kind,
+      "dtype": jnp.dtype(trainer.module.dtype).name, "batch_size": batch_size,
+      "scan_layers": trainer.module.scan_layers, "remat_policy": trainer.module.remat_policy,
+      "attention": trainer.module.attention,
+      "mesh": dict(mesh.shape), "steps": steps_to_time, "step_ms": round(step_s * 1e3, 2),
+      "compile_s": round(compile_s, 2), "samples_per_s": round(batch_size / step_s, 3),
       "flops_per_sample": per_sample, "achieved_tflops": achieved / 1e12,
       "mfu": None if peak is None else achieved / (peak * mesh.size),
       "peak_bytes": stats.get("peak_bytes_in_use"), **_memory(compiled),
       "loss": float(metrics["loss"]), "backend": jax.default_backend(),
       "device_kind": device.device_kind, "devices": mesh.size,
   }
-  if args.torch:
-    if type(trainer.task) is not tasks.Pretraining:  # pylint: disable=unidiomatic-typecheck
-      raise SystemExit("--torch compares pretraining steps (a model trained on its own "
-                       "losses: CAV-MAE, MAViL stage 1)")
-    result.update(bench_torch_step(trainer.module, args.batch_size, args.steps))
-    result["speedup_vs_torch"] = round(result["samples_per_s"] /
-                                       result["torch_samples_per_s"], 3)
-  return result
 
 
-def bench_torch_step(module, batch_size: int, steps: int) -> dict:
-  """The PyTorch port's pretraining step on the same shapes: forward, backward, Adam.
+def _as_on_an_accelerator(config) -> None:
+  """Resolves the config's "auto" compute fields as a TPU or GPU would."""
+  if config.model.get("dtype") == "auto":
+    config.model.dtype = "bfloat16"
+  if config.model.get("scan_layers") == "auto":
+    with config.ignore_type():
+      config.model.scan_layers = True
 
-  Eager float32 on CPU; on a CUDA device, autocast to bfloat16 (the reference trained with
-  fp16 autocast, which needs a loss scaler; bf16 does not) for a fair mixed-precision match.
-  """
+
+def _prefixed(prefix: str, record: dict) -> dict:
+  return {prefix + k: v for k, v in record.items()}
+
+
+TORCH_PRECISIONS = {
+    "fp32": "eager float32",
+    "bf16": "bfloat16 autocast",
+    "fp16": "float16 autocast with a GradScaler (the authors' setting)",
+}
+
+
+def bench_torch_step(module, batch_size: int, steps: int, precision: str = "fp32") -> dict:
+  """The PyTorch port's pretraining step on the same shapes: forward, backward, Adam, on
+  CUDA when there is one; `precision` one of TORCH_PRECISIONS."""
   import torch  # pylint: disable=import-outside-toplevel
   from avmae_jax import torch_port  # pylint: disable=import-outside-toplevel
+  if precision not in TORCH_PRECISIONS:
+    raise ValueError(f"precision must be one of {sorted(TORCH_PRECISIONS)}, got {precision!r}")
   config = models.model_config(module)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = torch_port.build(config).to(device)
@@ -213,28 +255,102 @@ def bench_torch_step(module, batch_size: int, steps: int) -> dict:
   audio, frames = (torch.randn(*s.shape, device=device)
                    for s in models.example_inputs(module, batch_size))
   frames = torch.movedim(frames, -1, 1)  # channels first: [B, C, H, W] or [B, C, N, H, W]
-  amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+  half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+  amp = torch.autocast(device, dtype=half or torch.float32, enabled=half is not None)
+  scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
 
   def step():
     optimizer.zero_grad(set_to_none=True)
     with amp:
       out = model(audio, frames, **loss_settings)
-    out["loss"].backward()
-    optimizer.step()
+    scaler.scale(out["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
     if device == "cuda":
       torch.cuda.synchronize()
+    return out["loss"]
 
   step()  # warm-up
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    step()
+    loss = step()
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  return {"torch_step_ms": round(step_s * 1e3, 2),
-          "torch_samples_per_s": round(batch_size / step_s, 3),
-          "torch_mode": "bf16 autocast" if device == "cuda" else "eager fp32",
-          "torch_threads": torch.get_num_threads()}
+  memory = torch.cuda.max_memory_allocated() if device == "cuda" else None
+  del model, optimizer
+  if device == "cuda":
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+  return {"step_ms": round(step_s * 1e3, 2), "samples_per_s": round(batch_size / step_s, 3),
+          "mode": TORCH_PRECISIONS[precision], "device": device, "batch_size": batch_size,
+          "loss": float(loss), "peak_bytes": memory, "threads": torch.get_num_threads()}
+
+
+def _out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                 "OutOfMemory"))
+
+
+def _largest_batch(run, batch_sizes) -> tuple[dict, list[int]]:
+  """run(batch) at the largest of `batch_sizes` that fits (tried from the largest down);
+  returns (its result, the sizes that ran out of memory)."""
+  too_big = []
+  for b in sorted(batch_sizes, reverse=True):
+    try:
+      return run(b), too_big
+    except Exception as e:  # pylint: disable=broad-except
+      if not _out_of_memory(e):
+        raise
+      too_big.append(b)
+  raise SystemExit(f"out of memory at every batch size in {sorted(batch_sizes)}")
+
+
+def bench_device(args) -> dict:
+  """The accelerator check: base CAV-MAE and MAViL stage-1 pretraining in bfloat16 at the
+  largest batch that fits (one device), and the PyTorch port's CAV-MAE step on the same
+  device in bf16 autocast and in fp16 autocast with a GradScaler, with the ratios."""
+  import gc  # pylint: disable=import-outside-toplevel
+  start_all = time.perf_counter()
+  mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  result = {"bench": "device", "size": args.size, "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind}
+  modules = {}
+  specs = {"cav_mae": f"configs/cav_mae_pretrain.py:size={args.size}",
+           "mavil": f"configs/mavil_pretrain.py:size={args.size}"}
+  for name in args.models:
+    spec = specs[name]
+    config = config_args.load_config(spec)
+    config.model.dtype = "bfloat16"
+    _as_on_an_accelerator(config)  # on CPU (the smoke test) too: the programs the check runs
+    _override_compute_fields(config, args)
+
+    def run(batch, config=config):
+      config.batch_size = batch
+      gc.collect()
+      return _time_train_step(config, mesh, batch, args.steps)
+
+    record, too_big = _largest_batch(run, args.batch_sizes)
+    record = {k: record[k] for k in (
+        "batch_size", "dtype", "scan_layers", "remat_policy", "attention", "step_ms",
+        "samples_per_s", "mfu", "achieved_tflops", "compile_s", "peak_bytes",
+        "per_device_bytes", "loss") if k in record}
+    record["out_of_memory_at"] = too_big
+    result[name] = record
+    modules[name] = models.build(config.model)
+  jax.clear_caches()
+  gc.collect()
+  jax_rate = result["cav_mae"]["samples_per_s"]
+  for precision in ("bf16", "fp16"):
+    run = lambda b, p=precision: bench_torch_step(modules["cav_mae"], b, args.steps, p)
+    batches = [b for b in args.batch_sizes if b <= result["cav_mae"]["batch_size"]]
+    record, too_big = _largest_batch(run, batches)
+    record["out_of_memory_at"] = too_big
+    result[f"torch_cav_mae_{precision}"] = record
+    result[f"speedup_vs_torch_{precision}"] = round(jax_rate / record["samples_per_s"], 3)
+  result["total_s"] = round(time.perf_counter() - start_all, 1)
+  return result
 
 
 def bench_aot(args) -> dict:
@@ -246,6 +362,7 @@ def bench_aot(args) -> dict:
                      "installed (pip install \"jax[tpu]\")?") from e
   devices = topology.devices
   config = _training_config(args)
+  _as_on_an_accelerator(config)  # the target is a TPU, not this machine
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   trainer = _build_trainer(config, mesh)
   start = time.perf_counter()
@@ -266,6 +383,19 @@ def bench_aot(args) -> dict:
   }
 
 
+def _compute_flags(parser) -> None:
+  """Overrides of how the model computes (models/layers.py); default: the config's."""
+  parser.add_argument("--remat_policy", choices=layers.REMAT_POLICIES, default=None)
+  parser.add_argument("--scan_layers", type=_boolean, default=None)
+  parser.add_argument("--attention", choices=layers.ATTENTION_IMPLS, default=None)
+
+
+def _boolean(value: str) -> bool:
+  if value.lower() not in ("1", "0", "true", "false"):
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+  return value.lower() in ("1", "true")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m avmae_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,22 +404,35 @@ def main(argv=None):
   model.add_argument("--config", required=True, help="configs/FILE.py[:args]")
   model.add_argument("--batch_size", type=int, default=2)
   model.add_argument("--steps", type=int, default=5)
-  model.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+  model.add_argument("--dtype", choices=models.DTYPES, default=None,
                      help="compute dtype (default: the config's)")
+  _compute_flags(model)
   for name, text in (("train", "the real sharded train step over all devices"),
                      ("aot", "ahead-of-time compile of the train step for a TPU topology")):
     p = sub.add_parser(name, help=text)
     p.add_argument("--config", required=True, help="configs/FILE.py[:args]")
     p.add_argument("--batch_size", type=int, required=True, help="global batch")
     p.add_argument("--mesh", default=None, help="e.g. data=-1,fsdp=4 (default: the config's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--remat", type=lambda v: v.lower() in ("1", "true"), default=None)
+    p.add_argument("--dtype", choices=models.DTYPES, default=None)
+    _compute_flags(p)
     if name == "train":
       p.add_argument("--steps", type=int, default=5)
       p.add_argument("--torch", action="store_true",
                      help="also time the PyTorch port's step and report the ratio")
     else:
       p.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5e:8x8, v5p:2x2x2")
+  device = sub.add_parser(
+      "device", help="the accelerator check: CAV-MAE and MAViL bf16 at the largest batch "
+      "that fits, MFU, memory, and the PyTorch port's step (bf16, fp16) on the same device")
+  device.add_argument("--size", default="base", choices=sorted(models.MODEL_CLASSES[
+      "cav_mae"].sizes), help="model size of both (tiny: a smoke test on CPU)")
+  device.add_argument("--batch_sizes", default="1024,768,512,384,256,128,64,32",
+                      type=lambda v: [int(b) for b in v.split(",")],
+                      help="batch sizes to try, largest first; the largest that fits is timed")
+  device.add_argument("--steps", type=int, default=10)
+  device.add_argument("--models", default="cav_mae,mavil", type=lambda v: v.split(","),
+                      help="which of cav_mae,mavil to time (the PyTorch port runs CAV-MAE)")
+  _compute_flags(device)
   sub.add_parser("data", help="prepare and input-pipeline throughput", add_help=False)
   args, rest = parser.parse_known_args(argv)
   if args.command == "data":
@@ -297,9 +440,25 @@ def main(argv=None):
     return benchmark.main(rest)
   if rest:
     parser.error(f"unrecognised arguments: {' '.join(rest)}")
-  if args.batch_size < 1 or getattr(args, "steps", 1) < 1:
-    parser.error("--batch_size and --steps must be positive")
-  if args.command == "aot":
+  if (min(getattr(args, "batch_sizes", None) or [getattr(args, "batch_size", 1)]) < 1
+      or getattr(args, "steps", 1) < 1):
+    parser.error("batch sizes and --steps must be positive")
+  if args.command == "device":
+    if "cav_mae" not in args.models or set(args.models) - {"cav_mae", "mavil"}:
+      parser.error("--models: cav_mae (which the PyTorch port is compared with), optionally "
+                   "mavil")
+    result = bench_device(args)
+    for name in args.models:
+      r = result[name]
+      mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}%"
+      print(f"{name} {r['dtype']} batch {r['batch_size']}: {r['samples_per_s']:.1f} "
+            f"samples/s{mfu}, compile {r['compile_s']:.1f} s")
+    for precision in ("bf16", "fp16"):
+      r = result[f"torch_cav_mae_{precision}"]
+      print(f"PyTorch port CAV-MAE ({r['mode']}) batch {r['batch_size']}: "
+            f"{r['samples_per_s']:.1f} samples/s; JAX / PyTorch = "
+            f"{result[f'speedup_vs_torch_{precision}']:.2f}x")
+  elif args.command == "aot":
     result = bench_aot(args)
     print(f"{result['kind']} {result['dtype']} on {result['topology']} ({result['devices']} "
           f"chips, {result['hosts']} hosts), mesh {result['mesh']}, global batch "

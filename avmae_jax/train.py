@@ -19,7 +19,9 @@ Sections below: distributed runtime and mesh; input; model, optimizer and sharde
 checkpoint (restore or init); the loop (update, weight averaging, metrics, checkpoints,
 preemption, evaluation); the end of a fine-tuning run. The workdir holds checkpoints/
 (orbax: train state + input-iterator state), metrics.jsonl, tensorboard/ and model.json
-(the model config of the run).
+(the model config of the run). Compiled programs go to JAX's persistent compilation cache
+(config.compilation_cache_dir, training/compile_cache.py), so a restart does not compile
+again.
 
 Fine-tuning (model.kind = "cav_mae_ft" or "mavil_ft"): periodic evaluation scores the
 held-out split (frame 5; MAViL: the centred clip) in every mode of config.eval_modes: mAP,
@@ -49,6 +51,7 @@ from avmae_jax import models
 from avmae_jax.checkpoints import model_dir
 from avmae_jax.checkpoints import train_state
 from avmae_jax.parallel import mesh as mesh_lib
+from avmae_jax.training import compile_cache
 from avmae_jax.training import steps
 from avmae_jax.training import summary
 
@@ -117,6 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
   # -- Mesh -------------------------------------------------------------------------------
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
   _validate(config)
+  compile_cache.enable(config.get("compilation_cache_dir", "auto"))
   mesh = mesh_lib.make_mesh(config.mesh)
   logging.info("mesh %s over %d devices (%d hosts)", dict(mesh.shape), mesh.size,
                jax.process_count())
@@ -151,10 +155,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
 
   # -- Checkpoint: resume from the latest, else init (optionally from given weights) --------
   with jax.set_mesh(mesh):
-    restored = train_state.restore_latest(checkpoints, trainer.abstract_state,
-                                          trainer.state_shardings)
+    restored = train_state.restore_latest(checkpoints, trainer.checkpoint_abstract_state,
+                                          trainer.checkpoint_shardings)
     if restored is not None:
       state, data_state = restored
+      state = trainer.from_checkpoint(state)  # per-block layout -> the train state's
       train_iter.set_state(data_state)
       logging.info("resumed from step %d", int(state.step))
     else:
@@ -219,7 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
         if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
           check_and_log(*pending)
           pending = None
-          train_state.save(checkpoints, step, state, train_iter.get_state(), force=True)
+          train_state.save(checkpoints, step, trainer.to_checkpoint(state),
+                           train_iter.get_state(), force=True)
         if stop:
           checkpoints.wait_until_finished()
           print(f"preempted: saved step {step} to {workdir}; run again to resume", flush=True)

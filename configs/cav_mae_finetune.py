@@ -98,7 +98,6 @@ def get_config(arg=None):
       img_size=224, audio_length=1024, num_mel_bins=128, patch_size=16, in_chans=3,
       mlp_ratio=4.0, norm_eps=1e-5,
       trainable_pos_embed=True,
-      remat=False,
-      dtype="float32",
+      **config_args.compute_fields(),
   )
   return config

@@ -69,7 +69,6 @@ def get_config(arg=None):
       contrast_temperature=0.05,
       chain_shared_blocks_in_contrast=False,
       contrastive_groups=1,
-      remat=False,
-      dtype="float32",  # compute dtype; parameters and optimizer state stay float32
+      **config_args.compute_fields(),
   )
   return config

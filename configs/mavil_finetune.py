@@ -62,7 +62,8 @@ DATASETS = {  # TFDS builder name (2 frames/s), held-out split, classes
 # Model fields taken from the pretraining config (the encoder's shape and the inputs).
 _ENCODER_FIELDS = ("embed_dim", "num_heads", "encoder_depth", "img_size", "num_frames",
                    "tubelet_size", "audio_length", "num_mel_bins", "patch_size", "in_chans",
-                   "mlp_ratio", "norm_eps", "trainable_pos_embed", "remat", "dtype")
+                   "mlp_ratio", "norm_eps", "trainable_pos_embed", "dtype",
+                   "scan_layers", "remat_policy", "attention")
 _DATA_FIELDS = ("mode", "target_length", "num_mel_bins", "frame_size", "frame_resize",
                 "num_frames", "mavil_fps", "norm_mean", "norm_std", "norm_std_factor")
 

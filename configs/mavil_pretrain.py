@@ -98,8 +98,7 @@ def get_config(arg=None):
       intra_contrast_weight=0.01,
       stage2_contrastive=True,  # stage 2 keeps the contrastive terms next to the MSE
       trainable_pos_embed=False,
-      remat=False,
-      dtype="float32",  # compute dtype; parameters and optimizer state stay float32
+      **config_args.compute_fields(),
   )
 
   if arg.data == "synthetic":

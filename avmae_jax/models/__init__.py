@@ -10,9 +10,11 @@ in `MODEL_CLASSES` (and, for reading reference `.pth` files, one in `_REFERENCE_
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 from avmae_jax.models import cav_mae
+from avmae_jax.models import layers
 from avmae_jax.models import mavil
 from avmae_jax.models import mavil_ft
 from avmae_jax.models.common import abstract_params
@@ -24,7 +26,7 @@ from avmae_jax.models.common import init_params
 from avmae_jax.models.common import merge_params
 
 __all__ = ["AVModel", "CheckpointError", "MODEL_CLASSES", "abstract_params",
-           "boxed_abstract_params", "build", "classifier_kinds", "config_from_state_dict",
+           "DTYPES", "boxed_abstract_params", "build", "classifier_kinds", "config_from_state_dict",
            "example_inputs", "init_params", "merge_params", "model_config", "size_fields",
            "to_dtype"]
 
@@ -56,20 +58,44 @@ def build(config: Mapping[str, Any]) -> AVModel:
   kind = fields.pop("kind", None)
   cls = _model_class(kind)
   known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  if "remat" in fields:  # model.json written before remat_policy: remat=True/False
+    legacy = fields.pop("remat")
+    fields.setdefault("remat_policy", "full" if legacy else "none")
   unknown = sorted(set(fields) - known)
   if unknown:
     raise ValueError(f"model config for {kind!r} has unknown field(s) {unknown}; "
                      f"known: {sorted(known)}")
   if "dtype" in fields:
     fields["dtype"] = to_dtype(fields["dtype"])
+  scan = fields.get("scan_layers", False)
+  if isinstance(scan, str):  # "auto", or true/false given on a command line
+    scan = {"auto": on_accelerator(), "true": True, "false": False}.get(scan.lower(), scan)
+    fields["scan_layers"] = scan
+  if not isinstance(fields.get("scan_layers", False), bool):
+    raise ValueError(f"model.scan_layers must be true, false or 'auto', got "
+                     f"{fields['scan_layers']!r}")
+  layers.check_compute_fields(fields.get("remat_policy", "none"),
+                              fields.get("attention", "xla"))
   return cls(**fields)
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def on_accelerator() -> bool:
+  """What the "auto" compute fields follow: JAX's default backend is a TPU or GPU."""
+  return jax.default_backend() != "cpu"
+
+
 def to_dtype(name: Any):
+  """A compute dtype by name; "auto" is bfloat16 on an accelerator (TPU, GPU) and float32
+  on CPU, where bfloat16 matmuls are emulated and slower."""
   if not isinstance(name, str):
     return name
-  if name not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {name!r}")
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {DTYPES}, got {name!r}")
+  if name == "auto":
+    return jnp.dtype(jnp.bfloat16 if on_accelerator() else jnp.float32)
   return jnp.dtype(name)
 
 

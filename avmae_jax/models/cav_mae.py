@@ -76,10 +76,11 @@ class _Encoder(common.AVModel):
     return self.video_grid[0] * self.video_grid[1]
 
   def _block(self, dim, heads, name):
-    # Rematerialise blocks (recompute activations in the backward pass) to trade compute for
-    # memory at large batch; modality (argument 2, counting self) is a Python string.
-    cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
-    return cls(dim, heads, self.mlp_ratio, self.norm_eps, self.dtype, name=name)
+    return self.make_block(dim, heads, name, static_modality=True)
+
+  def run(self, blocks, x, modality=None):
+    # Always passed, so that a rematerialised block sees its static argument.
+    return super().run(blocks, x, modality)
 
   def setup_encoder(self):
     d = self.embed_dim
@@ -118,12 +119,6 @@ class _Encoder(common.AVModel):
   def embed_video(self, frames: jax.Array) -> jax.Array:
     x = self.patch_embed_v(frames.astype(self.dtype))
     return x + self._pos(self.pos_embed_v) + self.modality_v
-
-  @staticmethod
-  def run(blocks, x, modality=None):
-    for block in blocks:
-      x = block(x, modality)
-    return x
 
   def encode_feat(self, audio: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The reference's forward_feat: unmasked, each modality through its shared-block path."""

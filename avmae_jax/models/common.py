@@ -187,7 +187,12 @@ class AVModel(nn.Module):
   mlp_ratio: float = 4.0
   norm_eps: float = layers.TORCH_LAYERNORM_EPS
   trainable_pos_embed: bool = False
-  remat: bool = False
+  # How the blocks compute (layers.py): rematerialisation policy, one lax.scan per stack of
+  # blocks instead of unrolled blocks, the attention implementation, the compute dtype.
+  # None of these changes the parameters.
+  remat_policy: str = "none"
+  scan_layers: bool = False  # models.build also takes "auto" (True on TPU/GPU)
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
 
   kind: ClassVar[str] = ""
@@ -255,6 +260,23 @@ class AVModel(nn.Module):
                      f"this is a {self.kind} model")
 
   # -- Helpers both families use ---------------------------------------------------------
+
+  def make_block(self, dim: int, heads: int, name: str, static_modality: bool = False,
+                 **fields) -> nn.Module:
+    """One transformer block of a stack (layers.Block), rematerialised under
+    `remat_policy` when the stack is unrolled (a scanned stack remats its scan body).
+    `static_modality`: the block takes CAV-MAE's modality string as a Python argument."""
+    layers.check_compute_fields(self.remat_policy, self.attention)
+    cls = layers.Block
+    if self.remat_policy != "none" and not self.scan_layers:
+      cls = nn.remat(cls, policy=layers.remat_policy(self.remat_policy),
+                     static_argnums=(2,) if static_modality else ())
+    return cls(dim, heads, self.mlp_ratio, self.norm_eps, self.dtype,
+               attention=self.attention, name=name, **fields)
+
+  def run(self, blocks, x: jax.Array, *static_args) -> jax.Array:
+    """`x` through `blocks` in order (scanned when `scan_layers`; layers.BlockStack)."""
+    return layers.BlockStack(self, blocks, self.scan_layers, self.remat_policy)(x, *static_args)
 
   @property
   def num_audio_tokens(self) -> int:

@@ -9,6 +9,11 @@ are constrained with ("act_batch", "act_length", "act_embed") (separate names, s
 parameter's embed axis and an activation's can map to different mesh axes);
 `avmae_jax.parallel.rules` maps both onto a mesh with a short rule list. Outside a mesh
 (`jax.set_mesh`) the annotations are no-ops.
+
+Also here: the compute choices a model config names by string, resolved in one place —
+the rematerialisation policies (`REMAT_POLICIES`), the attention implementations
+(`ATTENTION_IMPLS`) and `BlockStack`, which runs a list of identical blocks either unrolled
+or as one `lax.scan` over their stacked parameters.
 """
 
 from typing import Any, Callable, Optional
@@ -27,6 +32,52 @@ TORCH_LAYERNORM_EPS = 1e-5
 xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
 ones = nn.initializers.ones_init()
+
+
+# Rematerialisation policies by config name: what the backward pass may keep from the
+# forward pass of a block instead of recomputing it. "none" keeps everything (no remat),
+# "full" keeps nothing but the block's input; the rest are `jax.checkpoint_policies`.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+# jax.nn.dot_product_attention implementations: "xla" (any backend), "cudnn" (NVIDIA GPU,
+# bf16/fp16, the fused flash kernel) and "auto" (cuDNN where it applies, else XLA).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def remat_policy(name: str) -> Optional[Callable[..., bool]]:
+  """The `jax.checkpoint` policy a config name stands for (None: save nothing)."""
+  if name not in REMAT_POLICIES or name == "none":
+    raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES} (here not "
+                     f"'none'), got {name!r}")
+  return None if name == "full" else getattr(jax.checkpoint_policies, name)
+
+
+def check_compute_fields(remat: str, attention: str) -> None:
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {remat!r}")
+  if attention not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+
+
+def _cudnn_applies(q: jax.Array) -> bool:
+  """Whether cuDNN's fused attention takes these inputs [B, N, heads, head_dim] here: an
+  NVIDIA GPU, half precision, head_dim a multiple of 8 up to 128 (its flash kernel's
+  limits)."""
+  head_dim = q.shape[-1]
+  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def attention_op(q, k, v, scale: float, impl: str) -> jax.Array:
+  """softmax(q k^T * scale) v per head, by `impl` (ATTENTION_IMPLS); [B, N, heads, dim]."""
+  if impl == "cudnn" or (impl == "auto" and _cudnn_applies(q)):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    except Exception as e:  # noqa: BLE001 - cuDNN reports unsupported inputs in many ways
+      if impl == "cudnn":
+        raise ValueError(f"model.attention='cudnn' cannot run here ({type(e).__name__}: "
+                         f"{e}); use 'auto' or 'xla'") from e
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
 
 
 def token_init(stddev: float = 0.02) -> Callable[..., jax.Array]:
@@ -150,9 +201,19 @@ class _PatchProjection(nn.Module):
     h, w = height // p, width // p
     # [B, H, W, C] -> [B, h*w, p*p*C] with inner order (row in patch, column, channel),
     # the order of the kernel's first three axes.
-    patches = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, -1)
-    out = patches.astype(self.dtype) @ kernel.reshape(-1, self.features).astype(self.dtype)
-    return out + bias.astype(self.dtype)
+    patches = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * h * w, -1)
+    return _tokens_matmul(patches, kernel, bias, self.dtype).reshape(b, h * w, self.features)
+
+
+def _tokens_matmul(rows: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+  """[N, k] flattened patches (batch and tokens in one axis) @ kernel viewed as [k, D].
+
+  One contracting axis on each side: the weight gradient is then a plain [k, N] @ [N, D]
+  matmul. Contracting over (batch, tokens) instead made the TPU compiler lower it as a
+  convolution, which took it 2.4 minutes to compile for the base model (v5e, float32).
+  """
+  features = kernel.shape[-1]
+  return rows.astype(dtype) @ kernel.reshape(-1, features).astype(dtype) + bias.astype(dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -209,9 +270,8 @@ class _TubeletProjection(nn.Module):
     # [B, T, H, W, C] -> [B, t*h*w, u*p*p*C], inner order (frame, row, column, channel): the
     # order of the kernel's first four axes.
     tubes = x.reshape(b, t, u, h, p, w, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    tubes = tubes.reshape(b, t * h * w, -1)
-    out = tubes.astype(self.dtype) @ kernel.reshape(-1, self.features).astype(self.dtype)
-    return out + bias.astype(self.dtype)
+    tubes = tubes.reshape(b * t * h * w, -1)
+    return _tokens_matmul(tubes, kernel, bias, self.dtype).reshape(b, t * h * w, self.features)
 
 
 class Attention(nn.Module):
@@ -219,6 +279,7 @@ class Attention(nn.Module):
   dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -230,7 +291,7 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
     q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5)
+    out = attention_op(q, k, v, head_dim ** -0.5, self.attention)
     out = out.reshape(b, n, d)
     return dense(d, ("heads_merged", "embed"), self.dtype, "proj")(out)
 
@@ -261,7 +322,8 @@ class Block(nn.Module):
   `drop_path` > 0 is stochastic depth (timm's DropPath): in training each sample skips
   the attention and MLP branches with that probability, survivors scaled by 1/(1 - p).
   It is on exactly when the caller gives a "dropout" rng (the fine-tuning train step
-  does; evaluation, feature extraction and export do not), so no flag is threaded.
+  does; evaluation, feature extraction and export do not), so no flag is threaded. Inside a
+  `BlockStack` scan the rate is a traced scalar (one per layer).
   """
   dim: int
   num_heads: int
@@ -269,14 +331,16 @@ class Block(nn.Module):
   norm_eps: float = TORCH_LAYERNORM_EPS
   dtype: Dtype = jnp.float32
   modality_norms: bool = True
-  drop_path: float = 0.0
+  drop_path: Any = 0.0
+  attention: str = "xla"
 
   def setup(self):
     self.norm1 = layer_norm("norm1", self.norm_eps)
     if self.modality_norms:
       self.norm1_a = layer_norm("norm1_a", self.norm_eps)
       self.norm1_v = layer_norm("norm1_v", self.norm_eps)
-    self.attn = Attention(self.dim, self.num_heads, dtype=self.dtype, name="attn")
+    self.attn = Attention(self.dim, self.num_heads, dtype=self.dtype,
+                          attention=self.attention, name="attn")
     self.norm2 = layer_norm("norm2", self.norm_eps)
     if self.modality_norms:
       self.norm2_a = layer_norm("norm2_a", self.norm_eps)
@@ -299,11 +363,65 @@ class Block(nn.Module):
 
   def drop_branch(self, branch: jax.Array) -> jax.Array:
     """Stochastic depth on a residual branch [B, ...] (identity without a "dropout" rng)."""
-    if not 0.0 <= self.drop_path < 1.0:
-      raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
-    if self.drop_path == 0.0 or not self.has_rng("dropout"):
+    if isinstance(self.drop_path, (int, float)):
+      check_drop_path(self.drop_path)
+      if self.drop_path == 0.0:
+        return branch
+    if not self.has_rng("dropout"):
       return branch
     keep = 1.0 - self.drop_path
     shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
     kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return branch * (kept / keep).astype(branch.dtype)
+
+
+def check_drop_path(rate: float) -> None:
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"drop_path must be in [0, 1), got {rate}")
+
+
+class BlockStack:
+  """Runs a list of identical blocks (same class and sizes, own parameters) in order.
+
+  Unrolled, each block is its own piece of the compiled program; with `scan`, the blocks'
+  parameters are stacked inside the computation and one `lax.scan` runs a single copy of
+  the block over them (big_vision's and MaxText's `scan_layers`), so XLA compiles one
+  block instead of N. The stored parameters keep the per-block names either way
+  (`blocks_a_0/...`, the reference's layout), so checkpoints, `.pth` import and export,
+  optimizer masks and layer-wise lr decay never see the stacking, and a scanned and an
+  unrolled model are the same function of the same parameters.
+
+  `remat` (REMAT_POLICIES) recomputes each block's activations in the backward pass under
+  that policy. Per-layer drop-path rates become a scanned input; the dropout key of layer
+  i is fold_in(the stack's key, i).
+  """
+
+  def __init__(self, owner: nn.Module, blocks, scan: bool, remat: str):
+    self.owner, self.blocks, self.scan, self.remat = owner, list(blocks), scan, remat
+
+  def __call__(self, x: jax.Array, *static_args) -> jax.Array:
+    if not self.scan or len(self.blocks) < 2 or self.owner.is_initializing():
+      # Init runs unrolled: every block creates its parameters under its own name.
+      for block in self.blocks:
+        x = block(x, *static_args)
+      return x
+    rates = [float(b.drop_path) for b in self.blocks]
+    for rate in rates:
+      check_drop_path(rate)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                           *[b.variables["params"] for b in self.blocks])
+    dropout = any(rates) and self.owner.has_rng("dropout")
+    key = self.owner.make_rng("dropout") if dropout else jax.random.key(0)
+    template = self.blocks[0].clone(parent=None, name=None)
+
+    def body(carry, layer):
+      params, rate, index = layer
+      block = template.clone(drop_path=rate if any(rates) else 0.0)
+      rngs = {"dropout": jax.random.fold_in(key, index)} if dropout else {}
+      return block.apply({"params": params}, carry, *static_args, rngs=rngs), None
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(rates, jnp.float32),
+                                  jnp.arange(len(self.blocks))))
+    return x

@@ -132,11 +132,7 @@ class MAViLEncoder(common.AVModel):
                        "(3-D sin-cos positions: a quarter for time, 3/8 per spatial axis)")
 
   def _block(self, dim, heads, name, drop_path: float = 0.0):
-    # Rematerialise blocks (recompute activations in the backward pass) to trade compute
-    # for memory. MAViL's blocks take no modality argument, so nothing is static.
-    cls = nn.remat(layers.Block) if self.remat else layers.Block
-    return cls(dim, heads, self.mlp_ratio, self.norm_eps, self.dtype, modality_norms=False,
-               drop_path=drop_path, name=name)
+    return self.make_block(dim, heads, name, modality_norms=False, drop_path=drop_path)
 
   def pos_table(self, name: str, width: int, axis: str, video: bool):
     """A [1, 1 + L, width] fixed sin-cos position parameter with a zero cls row first."""
@@ -200,12 +196,6 @@ class MAViLEncoder(common.AVModel):
     cls = (cls + self._pos(pos)[:, :1]).astype(tokens.dtype)
     cls = jnp.broadcast_to(cls, (tokens.shape[0], 1, tokens.shape[-1]))
     return jnp.concatenate([cls, tokens], axis=1)
-
-  @staticmethod
-  def run(blocks, x):
-    for block in blocks:
-      x = block(x)
-    return x
 
   def encode_unmasked(self, audio: Optional[jax.Array], frames: Optional[jax.Array]):
     """Each modality's ViT on all its tokens: ([B, 1+La, D] or None, [B, 1+Lv, D] or None)."""

@@ -20,6 +20,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("qkv", "tensor"),
     ("heads_merged", "tensor"),
     ("classes", None),
+    ("layers", None),  # the stacked axis of scanned blocks (models/stacking.py)
     ("patch_out", None),
     ("length", None),
     ("norm", None),

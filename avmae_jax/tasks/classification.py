@@ -115,7 +115,8 @@ class Classification(base.Task):
       if count:
         params, which = trainer.wa_average(state), "averaged"
         path = model_dir.save_model(os.path.join(workdir, AVERAGED_DIR),
-                                    models.model_config(self.module), params, overwrite=True)
+                                    models.model_config(self.module),
+                                    trainer.native_params(params), overwrite=True)
         print(f"weight averaging: the mean of the parameters at the end of epochs "
               f"{trainer.wa_range[0]}..{trainer.wa_range[1]} ({count} checkpoints) is in "
               f"{path}", flush=True)

@@ -2,8 +2,8 @@
 
 The task owns its teacher end to end:
   build   from the model.json of `config.teacher` (a stage-1 or stage-2 training workdir
-          or model directory), computing in the student's dtype without rematerialisation
-          (no backward pass goes through it); the student checks that it fits
+          or model directory), computing like the student (dtype, scanned blocks,
+          attention) without rematerialisation (no backward pass goes through it); the student checks that it fits
           (`check_teacher`);
   subset  only what makes the targets (`teacher_subset`: encoders and fusion, not the
           decoders) is kept on the devices, sharded like the student by the same rules;
@@ -61,8 +61,11 @@ class SelfTraining(pretraining.Pretraining):
             f"config.teacher={self.teacher_path}: not a training workdir or model directory "
             f"(no {model_dir.MODEL_JSON} with params/ or checkpoints/)")
       teacher_config = model_dir.read_model_config(self.teacher_path)
-    self.teacher = models.build(dict(teacher_config, dtype=models.model_config(module)["dtype"],
-                                     remat=False))
+    student = models.model_config(module)
+    teacher_config = {k: v for k, v in teacher_config.items() if k != "remat"}  # legacy field
+    self.teacher = models.build(dict(
+        teacher_config, remat_policy="none",
+        **{k: student[k] for k in ("dtype", "scan_layers", "attention")}))
     module.check_teacher(self.teacher)
 
   def model_inputs(self, batch, aux):

@@ -48,7 +48,10 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+
+from avmae_jax.models import stacking
 
 NAMES = ("adam_step", "adamw_cosine")
 
@@ -131,23 +134,39 @@ def param_paths(params: Any) -> list[str]:
   return [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
-def frozen_mask(patterns: Sequence[str], params: Any) -> Any:
+def frozen_mask(patterns: Sequence[str], params: Any, stacks: stacking.Stacks = None) -> Any:
   """A tree of bools shaped like `params`: True where `make_optimizer` freezes the parameter.
 
   The same rule as `optimizer.frozen` (re.search on the '/'-joined path); the trainer uses it
   to stop gradients into frozen parameters (so that XLA drops their backward pass, e.g. the
-  whole encoder when linear probing) and to keep them bit-identical.
+  whole encoder when linear probing) and to keep them bit-identical. `stacks`: `params` is
+  in the scan layout (models/stacking.py); patterns still see per-block names.
   """
   compiled = [re.compile(p) for p in patterns]
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(c.search(param_path(path)) for c in compiled), params)
+  return _label_fn(lambda path, _: any(c.search(path) for c in compiled), stacks)(params)
 
 
-def _label_fn(fn: Callable[[str, Any], Any]) -> Callable[[Any], Any]:
+def _label_fn(fn: Callable[[str, Any], Any], stacks: stacking.Stacks = None
+              ) -> Callable[[Any], Any]:
   # A callable rather than a precomputed tree: nested multi_transform hands the inner
   # transforms a tree in which other groups' leaves are MaskedNode, so labels must be computed
   # on whatever tree arrives; paths are unchanged by the masking.
-  return lambda tree: jax.tree_util.tree_map_with_path(lambda p, x: fn(param_path(p), x), tree)
+  stacks = stacks or {}
+
+  def label(path, leaf):
+    name = param_path(path)
+    names = stacking.block_names(name, stacks)
+    if len(names) == 1:
+      return fn(name, leaf)
+    # A stacked leaf: every block of the stack must get the same label.
+    block = jax.ShapeDtypeStruct(tuple(np.shape(leaf))[1:], leaf.dtype)
+    labels = {fn(n, block) for n in names}
+    if len(labels) > 1:
+      raise ValueError(f"the optimizer treats the blocks of {name.split('/')[0]} differently "
+                       f"({names[0]} ...); that needs model.scan_layers=False")
+    return labels.pop()
+
+  return lambda tree: jax.tree_util.tree_map_with_path(label, tree)
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -337,7 +356,8 @@ def _loop_schedule(c, v, steps_per_epoch: int, global_batch_size: int,
 
 # --- the optimizer ----------------------------------------------------------------------------
 
-def _group(c, v, update_schedule: Schedule, mult: float) -> optax.GradientTransformation:
+def _group(c, v, update_schedule: Schedule, mult: float, stacks: stacking.Stacks
+           ) -> optax.GradientTransformation:
   """The optimizer of one trainable group, lr = update_schedule(update) * mult."""
   if mult == 1.0:
     lr_fn = update_schedule
@@ -345,11 +365,11 @@ def _group(c, v, update_schedule: Schedule, mult: float) -> optax.GradientTransf
     lr_fn = lambda count: update_schedule(count) * mult
 
   def decays(path: str, leaf) -> bool:
-    if c.no_decay_1d and jnp.ndim(leaf) <= 1:
+    if c.no_decay_1d and len(np.shape(leaf)) <= 1:
       return False
     return not any(p.search(path) for p in v["no_decay"])
 
-  decay_mask = _label_fn(decays)
+  decay_mask = _label_fn(decays, stacks)
   if c.name == "adam_step":
     # torch.optim.Adam(weight_decay=wd): grad += wd * param before the moment updates.
     return optax.chain(
@@ -360,16 +380,24 @@ def _group(c, v, update_schedule: Schedule, mult: float) -> optax.GradientTransf
                      weight_decay=v["weight_decay"], mask=decay_mask)
 
 
-def _scale_by_layer(decay: float, layer_of: Callable[[str], int], num_layers: int
-                    ) -> optax.GradientTransformation:
-  """Multiplies each update by decay ** (num_layers - layer_of(path)); stateless."""
+def _scale_by_layer(decay: float, layer_of: Callable[[str], int], num_layers: int,
+                    stacks: stacking.Stacks = None) -> optax.GradientTransformation:
+  """Multiplies each update by decay ** (num_layers - layer_of(path)); stateless. A
+  stacked leaf (scan layout) gets one factor per block along its layer axis."""
+
+  def factor(name):
+    layer = layer_of(name)
+    if not 0 <= layer <= num_layers:
+      raise ValueError(f"layer id {layer} of {name!r} is outside 0..{num_layers}")
+    return decay ** (num_layers - layer)
 
   def scale(path, u):
-    layer = layer_of(param_path(path))
-    if not 0 <= layer <= num_layers:
-      raise ValueError(f"layer id {layer} of {param_path(path)!r} is outside 0..{num_layers}")
-    factor = decay ** (num_layers - layer)
-    return u if factor == 1.0 else u * jnp.asarray(factor, u.dtype)
+    names = stacking.block_names(param_path(path), stacks or {})
+    if len(names) > 1:
+      factors = np.asarray([factor(n) for n in names], np.float32)
+      return u * jnp.asarray(factors, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+    f = factor(names[0])
+    return u if f == 1.0 else u * jnp.asarray(f, u.dtype)
 
   def update(updates, state, params=None):
     del params
@@ -380,7 +408,8 @@ def _scale_by_layer(decay: float, layer_of: Callable[[str], int], num_layers: in
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epoch: int,
                    global_batch_size: int, lr_layers: Optional[tuple[Callable[[str], int], int]]
-                   = None) -> tuple[optax.GradientTransformation, Schedule]:
+                   = None, stacks: stacking.Stacks = None
+                   ) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the update rule described by `config.optimizer`.
 
   Args:
@@ -394,6 +423,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
       accumulation factor, which is applied here).
     lr_layers: (layer_of(path), num_layers), the model's layer ids for `layer_decay` < 1
       (`module.lr_layers()`); required only then.
+    stacks: the model's block stacks when `params` is in the scan layout
+      (models/stacking.py); patterns and layer ids still see per-block names.
 
   Returns:
     (tx, schedule): `tx` the optax transformation (apply its updates with
@@ -407,7 +438,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
       raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
   steps_per_epoch, global_batch_size = int(steps_per_epoch), int(global_batch_size)
-  paths = param_paths(params)
+  stacks = stacks or {}
+  paths = [n for p in param_paths(params) for n in stacking.block_names(p, stacks)]
   if not paths:
     raise ValueError("params has no leaves")
   v = _validate(c, paths)
@@ -430,14 +462,14 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
 
   head_group = lambda path, _: _HEAD if any(p.search(path) for p in v["head"]) else _BASE
   groups = optax.multi_transform(
-      {_BASE: _group(c, v, update_schedule, 1.0),
-       _HEAD: _group(c, v, update_schedule, v["head_lr_mult"])},
-      _label_fn(head_group))
+      {_BASE: _group(c, v, update_schedule, 1.0, stacks),
+       _HEAD: _group(c, v, update_schedule, v["head_lr_mult"], stacks)},
+      _label_fn(head_group, stacks))
   if v["layer_decay"] != 1.0:
     if lr_layers is None:
       _fail("layer_decay", "be 1 unless the caller gives the model's layer ids (lr_layers)",
             c.layer_decay)
-    groups = optax.chain(groups, _scale_by_layer(v["layer_decay"], *lr_layers))
+    groups = optax.chain(groups, _scale_by_layer(v["layer_decay"], *lr_layers, stacks))
   trainable = groups
   if v["grad_clip_norm"] is not None:
     # Inside the trainable branch, so frozen parameters' gradients (the model may well produce
@@ -445,7 +477,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
     trainable = optax.chain(optax.clip_by_global_norm(v["grad_clip_norm"]), groups)
   tx = optax.multi_transform(
       {_FROZEN: optax.set_to_zero(), _TRAINABLE: trainable},
-      _label_fn(lambda path, _: _FROZEN if is_frozen(path) else _TRAINABLE))
+      _label_fn(lambda path, _: _FROZEN if is_frozen(path) else _TRAINABLE, stacks))
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
   return tx, schedule

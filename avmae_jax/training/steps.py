@@ -19,6 +19,11 @@ a linear probe freezes all but the head) get no gradient (stop_gradient, so XLA 
 backward pass) and are copied through each step unchanged, bit for bit. The step's rng is
 `fold_in(fold_in(key(seed), 2), step)`.
 
+Scanned blocks (`model.scan_layers`): the train state holds each stack of blocks stacked
+(models/stacking.py), so the optimizer updates one array per stack and leaf; the loss,
+evaluation, checkpoints (`to_checkpoint` / `from_checkpoint`), init-from and saved models
+see the per-block layout (`native_params`).
+
 Weight averaging (`config.wa_start`..`config.wa_end`, 1-based epochs, 0 = off): the train
 state carries a running float32 sum of the parameters at the end of those epochs (one
 parameter copy, sharded like the parameters and checkpointed with them, so resuming keeps
@@ -40,6 +45,7 @@ import optax
 from avmae_jax import models
 from avmae_jax import tasks
 from avmae_jax.checkpoints import model_dir
+from avmae_jax.models import stacking
 from avmae_jax.parallel import mesh as mesh_lib
 from avmae_jax.parallel import rules
 from avmae_jax.tasks import base as tasks_base
@@ -95,6 +101,14 @@ class Trainer:
   train_step: Callable[..., tuple[TrainState, dict]]
   wa_add: Optional[Callable[[TrainState], TrainState]]  # adds params to the WA sum
   wa_average: Optional[Callable[[TrainState], Any]]  # the averaged params
+  # The scan layout (models/stacking.py): the model's block stacks ({} when it does not
+  # scan), and the state in the per-block layout that checkpoints and models keep.
+  stacks: Mapping[str, int]
+  checkpoint_abstract_state: TrainState
+  checkpoint_shardings: TrainState
+  to_checkpoint: Callable[[TrainState], TrainState]
+  from_checkpoint: Callable[[TrainState], TrainState]
+  native_params: Callable[[Any], Any]  # train-state params -> per-block params
 
   @property
   def module(self) -> models.AVModel:
@@ -103,8 +117,9 @@ class Trainer:
   @functools.cached_property
   def evaluate(self) -> tasks_base.Evaluator:
     """The task's evaluation on this mesh: (params, batches, aux=None) -> (record, extras)."""
-    evaluator = self.task.evaluator(self.mesh, self.state_shardings.params, self.aux_shardings)
-    return lambda params, batches, aux=None: evaluator(params, batches,
+    evaluator = self.task.evaluator(self.mesh, self.checkpoint_shardings.params,
+                                    self.aux_shardings)
+    return lambda params, batches, aux=None: evaluator(self.native_params(params), batches,
                                                        {} if aux is None else aux)
 
   def global_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict:
@@ -137,9 +152,16 @@ class Trainer:
     directory, a training workdir (its latest checkpoint) or a reference `.pth`. Returns
     (state, report of the parameters "loaded", "dropped" and freshly "initialised")."""
     params, report = models.merge_params(
-        jax.device_get(state.params), model_dir.read_flat_params(path),
+        jax.device_get(self.native_params(state.params)), model_dir.read_flat_params(path),
         self.module.init_rules(), source=f"config.init_from={path}")
-    return state.replace(params=jax.device_put(params, self.state_shardings.params)), report
+    params = jax.device_put(params, self.checkpoint_shardings.params)
+    return state.replace(params=self.stack_params(params)), report
+
+  @functools.cached_property
+  def stack_params(self) -> Callable[[Any], Any]:
+    """Per-block params -> the train state's layout (on its shardings)."""
+    return jax.jit(lambda p: stacking.stack(p, self.stacks),
+                   out_shardings=self.state_shardings.params)
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int,
@@ -148,7 +170,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_
   module = task.module
   wa_range = wa_epochs(config)
   audio, frames = models.example_inputs(module, 1)
-  boxed = models.boxed_abstract_params(module)
+  native_boxed = models.boxed_abstract_params(module)
+  # A scanning model's parameters live stacked in the train state (models/stacking.py).
+  stacks = stacking.find_stacks(native_boxed) if module.scan_layers else {}
+  boxed = stacking.stack(native_boxed, stacks)
   param_shardings = mesh_lib.logical_shardings(boxed, mesh)
   abstract_params = nn.meta.unbox(boxed)
 
@@ -157,10 +182,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_
   opt_view.optimizer.frozen = (list(config.optimizer.frozen)
                                + [f"^{name}$" for name in module.frozen_param_names()])
   tx, schedule = optim.make_optimizer(opt_view, abstract_params, steps_per_epoch,
-                                      config.batch_size, module.lr_layers())
-  frozen = optim.frozen_mask(opt_view.optimizer.frozen, abstract_params)
+                                      config.batch_size, module.lr_layers(), stacks)
+  frozen = optim.frozen_mask(opt_view.optimizer.frozen, abstract_params, stacks)
 
-  def init_state():
+  def init_state(layout_stacks=stacks):
     seed_key = jax.random.key(config.seed)
     init_rngs = {"params": jax.random.fold_in(seed_key, 0),
                  "masking": jax.random.fold_in(seed_key, 1)}
@@ -168,6 +193,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_
       params = nn.meta.unbox(module.init(
           init_rngs, jnp.zeros(audio.shape, audio.dtype), jnp.zeros(frames.shape, frames.dtype)
       )["params"])
+    params = stacking.stack(params, layout_stacks)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     if wa_range:
       state = state.replace(wa_sum=jax.tree.map(jnp.zeros_like, params),
@@ -176,12 +202,20 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_
 
   abstract_state = jax.eval_shape(init_state)
   replicated = mesh_lib.replicated(mesh)
-  state_shardings = TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=mesh_lib.like_params(abstract_state.opt_state, abstract_params,
-                                     param_shardings, mesh),
-      wa_sum=param_shardings if wa_range else None,
-      wa_count=replicated if wa_range else None)
+
+  def shardings_of(state, params, shardings):
+    return TrainState(
+        step=replicated, params=shardings,
+        opt_state=mesh_lib.like_params(state.opt_state, params, shardings, mesh),
+        wa_sum=shardings if wa_range else None, wa_count=replicated if wa_range else None)
+
+  state_shardings = shardings_of(abstract_state, abstract_params, param_shardings)
+  # Checkpoints keep the per-block layout: the same state with every stack unstacked.
+  checkpoint_abstract_state = jax.eval_shape(lambda s: stacking.unstack(s, stacks),
+                                             abstract_state)
+  native_shardings = mesh_lib.logical_shardings(native_boxed, mesh)
+  checkpoint_shardings = shardings_of(checkpoint_abstract_state,
+                                      nn.meta.unbox(native_boxed), native_shardings)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   boxed_aux = task.boxed_aux()
   aux_shardings = mesh_lib.logical_shardings(boxed_aux, mesh) if boxed_aux else {}
@@ -194,7 +228,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_
       # No gradient into frozen parameters: XLA then skips their backward pass.
       params = jax.tree.map(lambda f, p: jax.lax.stop_gradient(p) if f else p, frozen, params)
       with nn.logical_axis_rules(rules.RULES):
-        return task.loss(params, batch, key, aux)
+        return task.loss(stacking.unstack(params, stacks), batch, key, aux)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -226,7 +260,19 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_
       wa_add=jax.jit(wa_add, in_shardings=(state_shardings,), out_shardings=state_shardings,
                      donate_argnums=(0,)) if wa_range else None,
       wa_average=jax.jit(wa_average, in_shardings=(state_shardings,),
-                         out_shardings=param_shardings) if wa_range else None)
+                         out_shardings=param_shardings) if wa_range else None,
+      stacks=stacks, checkpoint_abstract_state=checkpoint_abstract_state,
+      checkpoint_shardings=checkpoint_shardings,
+      to_checkpoint=jax.jit(lambda s: stacking.unstack(s, stacks),
+                            out_shardings=checkpoint_shardings) if stacks else _same,
+      from_checkpoint=jax.jit(lambda s: stacking.stack(s, stacks),
+                              out_shardings=state_shardings) if stacks else _same,
+      native_params=jax.jit(lambda p: stacking.unstack(p, stacks),
+                            out_shardings=native_shardings) if stacks else _same)
+
+
+def _same(tree):
+  return tree
 
 
 def from_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

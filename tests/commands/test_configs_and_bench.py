@@ -8,6 +8,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import numpy as np
 import pytest
 
 from avmae_jax import api
@@ -178,3 +179,48 @@ def test_flops_formula_on_a_single_block():
   n, d = 10, 16
   want = 2 * n * d * 3 * d + 2 * n * d * d + 2 * (2 * n * d * 4 * d) + 2 * (2 * n * n * d)
   assert flops.block_flops(n, d, 4.0) == want
+
+
+@pytest.mark.slow
+def test_bench_device_runs_at_tiny_size_on_cpu():
+  """The accelerator check's command, on CPU at tiny size: CAV-MAE in bf16 at the largest
+  batch that fits (MAViL runs the same code), the PyTorch port's step in bf16 and fp16
+  (GradScaler)."""
+  result = subprocess.run(
+      [sys.executable, "-m", "avmae_jax.bench", "device", "--size", "tiny", "--batch_sizes",
+       "2", "--steps", "1", "--models", "cav_mae"], cwd=ROOT, capture_output=True, text=True,
+      timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["bench"] == "device" and report["backend"] == "cpu"
+  assert "mavil" not in report
+  for name in ("cav_mae",):
+    run = report[name]
+    assert run["dtype"] == "bfloat16" and run["batch_size"] == 2 and run["scan_layers"]
+    assert run["samples_per_s"] > 0 and run["compile_s"] > 0 and run["mfu"] is None
+    assert run["out_of_memory_at"] == []
+  for precision in ("bf16", "fp16"):
+    torch_run = report[f"torch_cav_mae_{precision}"]
+    assert torch_run["samples_per_s"] > 0 and np.isfinite(torch_run["loss"])
+    assert report[f"speedup_vs_torch_{precision}"] == pytest.approx(
+        report["cav_mae"]["samples_per_s"] / torch_run["samples_per_s"], rel=1e-2)
+  assert "GradScaler" in report["torch_cav_mae_fp16"]["mode"]
+
+
+def test_bench_device_takes_the_largest_batch_that_fits():
+  from avmae_jax import bench  # pylint: disable=import-outside-toplevel
+  tried = []
+
+  def run(batch):
+    tried.append(batch)
+    if batch > 64:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    return {"batch_size": batch}
+
+  assert bench._largest_batch(run, [32, 256, 64, 128]) == ({"batch_size": 64}, [256, 128])
+  assert tried == [256, 128, 64]
+
+  def broken(batch):
+    raise RuntimeError("INVALID_ARGUMENT: something else")
+  with pytest.raises(RuntimeError, match="something else"):  # not a memory error: raised
+    bench._largest_batch(broken, [8])

@@ -65,7 +65,7 @@ def test_trainer_init_from_a_training_workdir(tiny_pretrain_workdir):
   trainer = steps.from_config(config, mesh, steps_per_epoch=10)
   with jax.set_mesh(mesh):
     state, _ = trainer.init_from(trainer.init(), workdir)
-  got = interop.flax_to_torch(state.params)
+  got = interop.flax_to_torch(trainer.native_params(state.params))
   want = interop.flax_to_torch(_saved_state(workdir, 3)["params"])
   assert got.keys() == want.keys()
   for key in want:

@@ -552,14 +552,15 @@ def test_flops_formula_agrees_with_xla(kind, mode):
 
 
 @pytest.mark.slow
-def test_bfloat16_and_remat_variants(stage1):
+def test_bfloat16_remat_and_scan_variants(stage1):
   module, params, (audio, frames, noise_a, noise_v), (ref, _), _ = stage1
 
   def run(m):
     return jax.jit(lambda p: m.apply({"params": p}, audio, frames, noise_a, noise_v))(params)
 
-  remat = run(module.clone(remat=True))
-  np.testing.assert_allclose(remat["loss"], ref["loss"], rtol=1e-5)
+  for variant in (dict(remat_policy="full"),
+                  dict(scan_layers=True, remat_policy="dots_saveable")):
+    np.testing.assert_allclose(run(module.clone(**variant))["loss"], ref["loss"], rtol=1e-5)
   bf16 = run(module.clone(dtype=jnp.bfloat16))
   assert bf16["loss"].dtype == jnp.float32
   assert 0 < abs(float(bf16["loss"]) - float(ref["loss"])) / float(ref["loss"]) < 0.05

@@ -90,7 +90,7 @@ def test_loss_matches_torch_and_decreases_on_a_fixed_batch(loss, mode):
                          else {"audio", "frames", "labels"})
   with jax.set_mesh(mesh):
     state = trainer.init()
-    params0 = jax.device_get(state.params)
+    params0 = jax.device_get(trainer.native_params(state.params))
     losses = []
     for _ in range(8):
       state, metrics = trainer.train_step(state, trainer.global_batch(inputs), {})
@@ -123,7 +123,7 @@ def test_evaluation_averages_scores_over_frames():
   trainer, mesh = make_trainer(config)
   batch = make_batch(n=2, frames=3)
   evaluator = classification.Classification(trainer.module, mesh, trainer.task.eval_modes,
-                                            "softmax", trainer.state_shardings.params)
+                                            "softmax", trainer.checkpoint_shardings.params)
 
   def scores(b):  # one batch through the evaluator's jitted function and its scoring
     out = evaluator.fn(params, {k: b[k] for k in evaluator.keys + ("mask",)},
@@ -131,7 +131,7 @@ def test_evaluation_averages_scores_over_frames():
     return evaluator.batch_scores(out)
 
   with jax.set_mesh(mesh):
-    params = trainer.init().params
+    params = trainer.native_params(trainer.init().params)  # what evaluators take
     out = scores(batch)
     one = scores(dict(batch, frames=batch["frames"][:, 1]))
     whole, _ = trainer.evaluate(params, [batch])
@@ -173,9 +173,9 @@ def test_init_from_pretraining_pth_copies_encoder_and_initialises_head(tmp_path)
   trainer, mesh = make_trainer(ft_config())
   with jax.set_mesh(mesh):
     fresh = trainer.init()
-    fresh_sd = flat(fresh.params)
+    fresh_sd = flat(trainer.native_params(fresh.params))
     state, report = trainer.init_from(fresh, path)
-  got = flat(state.params)
+  got = flat(trainer.native_params(state.params))
   head = {k for k in got if k.startswith("mlp_head.")}
   assert head == {"mlp_head.0.weight", "mlp_head.0.bias", "mlp_head.1.weight",
                   "mlp_head.1.bias"}
@@ -201,7 +201,7 @@ def test_init_from_a_pretraining_workdir(tiny_pretrain_workdir):
   trainer, mesh = make_trainer(ft_config())
   with jax.set_mesh(mesh):
     state, report = trainer.init_from(trainer.init(), workdir)
-  got = flat(state.params)
+  got = flat(trainer.native_params(state.params))
   encoder = [k for k in got if not k.startswith("mlp_head.")]
   assert len(encoder) > 40
   for key in encoder:
@@ -245,9 +245,9 @@ def test_init_from_a_finetuned_pth_keeps_or_replaces_the_head(tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in ref.items()}, path)
     with jax.set_mesh(mesh):
       fresh = trainer.init()
-      fresh_sd = flat(fresh.params)
+      fresh_sd = flat(trainer.native_params(fresh.params))
       state, report = trainer.init_from(fresh, path)
-    got = flat(state.params)
+    got = flat(trainer.native_params(state.params))
     for key, value in got.items():
       if classes == CLASSES or not key.startswith("mlp_head."):
         np.testing.assert_array_equal(value, ref[key], err_msg=key)
@@ -264,11 +264,11 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_bit_identical()
   batch = make_batch()
   with jax.set_mesh(mesh):
     state = trainer.init()
-    before = flat(state.params)
+    before = flat(trainer.native_params(state.params))
     for _ in range(3):
       state, metrics = trainer.train_step(
           state, trainer.global_batch(trainer.train_inputs(batch)), {})
-  after = flat(state.params)
+  after = flat(trainer.native_params(state.params))
   assert float(metrics["grad_norm"]) > 0
   for key, value in after.items():
     if key.startswith("mlp_head."):

@@ -234,7 +234,7 @@ def test_stage2_teacher_is_frozen_outside_the_state_and_the_loss_drops(stage1_wo
       np.testing.assert_array_equal(np.asarray(value), want)
     before = jax.tree.map(np.array, teacher)
     state = trainer.init()
-    student0 = jax.device_get(state.params)
+    student0 = jax.device_get(trainer.native_params(state.params))
     losses = []
     for _ in range(8):
       state, metrics = trainer.train_step(state, trainer.global_batch(batch),
@@ -318,7 +318,7 @@ def test_finetuning_starts_from_the_stage2_encoder(stage2_workdir, mode):
   saved = flat_params(saved_params(stage2_workdir, 2))
   with jax.set_mesh(mesh):
     state, report = trainer.init_from(trainer.init(), stage2_workdir)
-    got = flat_params(jax.device_get(state.params))
+    got = flat_params(jax.device_get(trainer.native_params(state.params)))
     assert any(k.startswith("decoder_blocks") for k in report["dropped"])
     assert "norm/scale" in report["dropped"] and "mask_token_v" in report["dropped"]
     if mode == "multimodal":  # one fusion block more than pretraining (the second): fresh
@@ -346,7 +346,8 @@ def test_bench_train_runs_mavil_stage2_with_a_stand_in_teacher(monkeypatch):
   small = pretrain_config(stage=2)
   monkeypatch.setattr(bench.config_args, "load_config", lambda spec: small)
   args = argparse.Namespace(config="small stage 2", batch_size=4, steps=1, dtype=None,
-                            mesh=None, remat=None, torch=False)
+                            mesh=None, remat_policy=None, scan_layers=None,
+                            attention=None, torch=False)
   result = bench.bench_train(args)
   assert result["kind"] == "mavil" and result["step_ms"] > 0 and np.isfinite(result["loss"])
   # the step's FLOPs include the teacher's forward pass
