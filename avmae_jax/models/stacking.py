@@ -15,7 +15,7 @@ is converted, everything else passes through.
 """
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -65,22 +65,27 @@ def _stack_leaves(*leaves):
   return jnp.stack(leaves)
 
 
+def _map_param_dicts(tree: Any, selects: Callable[[Any], bool],
+                     convert: Callable[[Mapping[str, Any]], dict]) -> Any:
+  """`convert` applied to every dict of `tree` that `selects` picks; the rest unchanged."""
+  return jax.tree.map(lambda node: convert(node) if selects(node) else node, tree,
+                      is_leaf=selects)
+
+
 def stack(tree: Any, stacks: Stacks) -> Any:
   """Per-block layout -> scan layout (also on boxed abstract parameters, for shardings)."""
   if not stacks:
     return tree
 
   def convert(node):
-    if not _has_blocks(node, stacks):
-      return node
     out = {k: v for k, v in node.items()
            if not any(re.fullmatch(re.escape(name) + r"_\d+", k) for name in stacks)}
     for name, n in stacks.items():
       out[name] = jax.tree.map(_stack_leaves, *[node[f"{name}_{i}"] for i in range(n)],
                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    return type(node)(out) if not isinstance(node, dict) else out
+    return out
 
-  return jax.tree.map(convert, tree, is_leaf=lambda x: _has_blocks(x, stacks))
+  return _map_param_dicts(tree, lambda x: _has_blocks(x, stacks), convert)
 
 
 def unstack(tree: Any, stacks: Stacks) -> Any:
@@ -89,15 +94,13 @@ def unstack(tree: Any, stacks: Stacks) -> Any:
     return tree
 
   def convert(node):
-    if not _has_stacks(node, stacks):
-      return node
     out = {k: v for k, v in node.items() if k not in stacks}
     for name, n in stacks.items():
       for i in range(n):
         out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], node[name])
     return out
 
-  return jax.tree.map(convert, tree, is_leaf=lambda x: _has_stacks(x, stacks))
+  return _map_param_dicts(tree, lambda x: _has_stacks(x, stacks), convert)
 
 
 def block_names(path: str, stacks: Stacks) -> list[str]:

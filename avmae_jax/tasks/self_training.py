@@ -62,7 +62,6 @@ class SelfTraining(pretraining.Pretraining):
             f"(no {model_dir.MODEL_JSON} with params/ or checkpoints/)")
       teacher_config = model_dir.read_model_config(self.teacher_path)
     student = models.model_config(module)
-    teacher_config = {k: v for k, v in teacher_config.items() if k != "remat"}  # legacy field
     self.teacher = models.build(dict(
         teacher_config, remat_policy="none",
         **{k: student[k] for k in ("dtype", "scan_layers", "attention")}))
