@@ -4,6 +4,8 @@ r"""CAV-MAE fine-tuning and linear-probing recipes (cav-mae spec sections 3, 5 a
   --config configs/cav_mae_finetune.py:recipe=as2m,mode=audioonly,init_from=DIR
   --config configs/cav_mae_finetune.py:recipe=vggsound,probe=true,init_from=DIR
   --config configs/cav_mae_finetune.py:size=tiny,data=synthetic      a tiny smoke-test run
+  --config configs/cav_mae_finetune.py:data=videos,data_dir=D,init_from=DIR   your prepared
+      clips (classes and splits from the prepared dataset; see data/prepared.py)
 
 init_from (or --config.init_from=PATH) names a reference `.pth` (CAV-MAE pretraining or
 fine-tuned), a model checkpoint directory (`export` output, DIR/averaged of a fine-tuning
@@ -48,6 +50,7 @@ DATASETS = {  # TFDS builder name, held-out split, classes (prepare with avmae_j
     "audioset": ("avmae_audioset", "eval", 527),
     "vggsound": ("avmae_vggsound", "test", 309),
     "synthetic": ("", "test", 8),
+    "videos": None,  # your clips under data_dir: splits and classes from the prepared dataset
 }
 
 
@@ -58,7 +61,7 @@ def get_config(arg=None):
   recipe = RECIPES[config_args.check_choice("recipe", arg.recipe, RECIPES)]
   config_args.check_choice("mode", arg.mode, MODES)
   data = config_args.check_choice("data", arg.data or recipe["data"], DATASETS)
-  name, eval_split, classes = DATASETS[data]
+  name, eval_split, classes = DATASETS[data] or ("", "", 0)
 
   # eval_every -1: at the end of every epoch (as the reference)
   config = config_args.training_run(recipe["batch"], recipe["epochs"], eval_every=-1,
@@ -81,12 +84,14 @@ def get_config(arg=None):
 
   config.data = data_config.default_data_config("finetune")  # mixup, smoothing, SpecAugment
   config.data.name, config.data.data_dir = name, arg.data_dir
-  config.data.split = recipe["train_split"] if data != "synthetic" else "train"
+  config.data.split = recipe["train_split"] if data not in ("synthetic", "videos") else "train"
   config.data.balanced_sampling = recipe["balanced"]
   config.eval_data = data_config.default_data_config("eval")
   config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
   config.eval_data.split = eval_split
   config.eval_data.batch_size = 64
+  if data == "videos":
+    classes = data_config.use_prepared_videos(config, arg.data_dir).num_classes
   if data == "synthetic":
     config.synthetic = dict(num_train=512, num_test=128, seed=0, num_classes=classes,
                             data_dir=arg.data_dir, num_workers=2)

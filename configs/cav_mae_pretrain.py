@@ -4,6 +4,8 @@ r"""CAV-MAE pretraining recipes (cav-mae spec sections 4 and 6).
   --config configs/cav_mae_pretrain.py:recipe=scale++        batch 256, lr 2e-4 (released model)
   --config configs/cav_mae_pretrain.py:data=vggsound,recipe=vggsound   VGGSound, from AS scale++
   --config configs/cav_mae_pretrain.py:size=tiny,data=synthetic        a tiny smoke-test run
+  --config configs/cav_mae_pretrain.py:data=videos,data_dir=D          your clips, prepared
+      with `python -m avmae_jax.prepare videos --folder CLIPS/ --data_dir D`
 
 Loss weights select the paper's variants: the default is CAV-MAE (mae 1.0, contrast 0.01);
 `--config.model.contrast_loss_weight=0` gives AV-MAE, `--config.model.mae_loss_weight=0` CAV.
@@ -27,6 +29,7 @@ DATASETS = {  # TFDS builder names (prepared with `python -m avmae_jax.prepare`)
     "audioset": ("avmae_audioset", "balanced_train+unbalanced_train", "eval"),  # AS-2M
     "vggsound": ("avmae_vggsound", "train", "test"),
     "synthetic": ("", "train", "test"),
+    "videos": None,  # your clips under data_dir (data/prepared.py picks the splits)
 }
 
 
@@ -42,14 +45,17 @@ def get_config(arg=None):
   config.optimizer = optim.default_optimizer_config()
   config.optimizer.lr = lr
 
-  name, train_split, eval_split = DATASETS[arg.data]
   config.data = data_config.default_data_config("pretrain")
-  config.data.name, config.data.data_dir = name, arg.data_dir
-  config.data.split = train_split
   config.eval_data = data_config.default_data_config("eval")
-  config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
-  config.eval_data.split = eval_split
   config.eval_data.batch_size = 64
+  if arg.data == "videos":
+    data_config.use_prepared_videos(config, arg.data_dir)
+  else:
+    name, train_split, eval_split = DATASETS[arg.data]
+    config.data.name, config.data.data_dir = name, arg.data_dir
+    config.data.split = train_split
+    config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
+    config.eval_data.split = eval_split
   if arg.data == "synthetic":
     config.synthetic = dict(num_train=512, num_test=128, seed=0, num_classes=8,
                             data_dir=arg.data_dir, num_workers=2)

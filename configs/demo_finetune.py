@@ -24,6 +24,7 @@ and no mixup (a regulariser for long runs; this one is 8 epochs).
 import os
 
 from avmae_jax import config_args
+from avmae_jax.data import prepared
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Fields copied from the pretraining demo: the encoder's shape, the inputs, the data.
@@ -36,11 +37,12 @@ _DATA_FIELDS = ("mode", "target_length", "num_mel_bins", "frame_size", "frame_re
 
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, init_from="", mode="multimodal", steps=128, probe=False,
-                              data_dir="~/tensorflow_datasets")
-  demo = config_args.load_config(os.path.join(_HERE, "demo.py") + f":data_dir={arg.data_dir}")
+                              data="synthetic", data_dir="~/tensorflow_datasets")
+  demo = config_args.load_config(os.path.join(_HERE, "demo.py")
+                                 + f":data={arg.data},data_dir={arg.data_dir}")
   config = config_args.load_config(
       os.path.join(_HERE, "cav_mae_finetune.py")
-      + f":recipe=vggsound,size=tiny,data=synthetic,mode={arg.mode},probe={arg.probe},"
+      + f":recipe=vggsound,size=tiny,data={arg.data},mode={arg.mode},probe={arg.probe},"
       f"data_dir={arg.data_dir}")
   for field in _MODEL_FIELDS:
     config.model[field] = demo.model[field]
@@ -48,8 +50,12 @@ def get_config(arg=None):
     if field in demo.data:
       config.data[field] = demo.data[field]
       config.eval_data[field] = demo.data[field]
-  config.synthetic = demo.synthetic.to_dict()
-  config.model.num_classes = demo.synthetic.num_classes
+  if arg.data == "synthetic":
+    config.synthetic = demo.synthetic.to_dict()
+    config.model.num_classes = demo.synthetic.num_classes
+    num_train = demo.synthetic.num_train
+  else:  # the class count is the prepared dataset's (cav_mae_finetune.py)
+    num_train = prepared.read(config.data.builder_dir).count(config.data.split)
 
   config.init_from = arg.init_from
   config.batch_size = 32
@@ -59,11 +65,11 @@ def get_config(arg=None):
   config.keep_checkpoints = 1
   config.eval_every = arg.steps  # one single-frame evaluation at the end, then the final one
   config.eval_data.batch_size = 64
-  config.data.shuffle_buffer = demo.synthetic.num_train
-  config.data.balanced_sampling = False  # the synthetic classes are balanced already
+  config.data.shuffle_buffer = num_train
+  config.data.balanced_sampling = False  # short runs: every clip as often as any other
   config.data.mixup = 0.0
   config.optimizer.lr = 1e-3 if arg.probe else 5e-4
-  epochs = arg.steps // (demo.synthetic.num_train // config.batch_size)
+  epochs = arg.steps // max(num_train // config.batch_size, 1)
   config.optimizer.lr_step_start = max(epochs // 2, 1)
   config.optimizer.lr_step_every = 1
   if epochs >= 2:

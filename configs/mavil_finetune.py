@@ -4,6 +4,8 @@ r"""MAViL fine-tuning and linear probing (MAViLFT: encoders, fusion, LayerNorm +
   --config configs/mavil_finetune.py:recipe=as2m,mode=audioonly,init_from=DIR
   --config configs/mavil_finetune.py:recipe=vggsound,probe=true,init_from=DIR
   --config configs/mavil_finetune.py:size=tiny,data=synthetic,init_from=DIR   CPU minutes
+  --config configs/mavil_finetune.py:data=videos,data_dir=D,init_from=DIR     your clips
+      (prepared with --frames fps2; classes and splits from the prepared dataset)
 
 init_from (or --config.init_from=PATH): a MAViL stage-1 or stage-2 training workdir (its
 latest checkpoint), a model directory, or a MAViL `.pth`. Every encoder tensor is copied
@@ -58,6 +60,7 @@ DATASETS = {  # TFDS builder name (2 frames/s), held-out split, classes
     "audioset": ("avmae_audioset/fps2", "eval", 527),
     "vggsound": ("avmae_vggsound/fps2", "test", 309),
     "synthetic": ("", "test", 8),
+    "videos": None,  # your clips under data_dir: splits and classes from the prepared dataset
 }
 # Model fields taken from the pretraining config (the encoder's shape and the inputs).
 _ENCODER_FIELDS = ("embed_dim", "num_heads", "encoder_depth", "img_size", "num_frames",
@@ -75,7 +78,7 @@ def get_config(arg=None):
   recipe = RECIPES[config_args.check_choice("recipe", arg.recipe, RECIPES)]
   config_args.check_choice("mode", arg.mode, MODES)
   data = config_args.check_choice("data", arg.data or recipe["data"], DATASETS)
-  name, eval_split, classes = DATASETS[data]
+  name, eval_split, classes = DATASETS[data] or ("", "", 0)
   # The pretraining config of the same size and data: its encoder and inputs.
   pretrain = config_args.load_config(
       os.path.join(_HERE, "mavil_pretrain.py")
@@ -104,12 +107,14 @@ def get_config(arg=None):
 
   config.data = data_config.default_data_config("finetune", mode="mavil")
   config.data.name, config.data.data_dir = name, arg.data_dir
-  config.data.split = recipe["train_split"] if data != "synthetic" else "train"
+  config.data.split = recipe["train_split"] if data not in ("synthetic", "videos") else "train"
   config.data.balanced_sampling = recipe["balanced"]
   config.eval_data = data_config.default_data_config("eval", mode="mavil")
   config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
   config.eval_data.split = eval_split
   config.eval_data.batch_size = 64
+  if data == "videos":
+    classes = data_config.use_prepared_videos(config, arg.data_dir, mode="mavil").num_classes
   for field in _DATA_FIELDS:
     config.data[field] = pretrain.data[field]
     config.eval_data[field] = pretrain.data[field]

@@ -4,6 +4,8 @@ r"""MAViL pretraining, stage 1 (reconstruction + contrast) and stage 2 (self-tra
   --config configs/mavil_pretrain.py:size=base,stage=2 --config.teacher=STAGE1_WORKDIR
   --config configs/mavil_pretrain.py:size=base,data=vggsound          VGGSound, stage 1
   --config configs/mavil_pretrain.py:size=tiny,data=synthetic         minutes on a CPU
+  --config configs/mavil_pretrain.py:data=videos,data_dir=D           your clips, prepared
+      with `python -m avmae_jax.prepare videos --folder CLIPS/ --data_dir D --frames fps2`
 
 Stage 2 needs `config.teacher` (or the `teacher=PATH` argument): a stage-1 or stage-2
 training workdir (its latest checkpoint) or a model directory. The teacher is built from
@@ -48,6 +50,7 @@ DATASETS = {  # TFDS builder name (2 frames/s variants), train split, held-out s
     "audioset": ("avmae_audioset/fps2", "train", "eval"),
     "vggsound": ("avmae_vggsound/fps2", "train", "test"),
     "synthetic": ("", "train", "test"),
+    "videos": None,  # your clips under data_dir (data/prepared.py picks the splits)
 }
 STAGES = (1, 2)
 # Our choice where the spec is silent: Audio-MAE's AS-2M pretraining schedule.
@@ -76,14 +79,17 @@ def get_config(arg=None):
   config.optimizer.warmup_epochs = WARMUP_EPOCHS
   config.optimizer.min_lr = 0.0
 
-  name, train_split, eval_split = DATASETS[arg.data]
   config.data = data_config.default_data_config("pretrain", mode="mavil")
-  config.data.name, config.data.data_dir = name, arg.data_dir
-  config.data.split = train_split
   config.eval_data = data_config.default_data_config("eval", mode="mavil")
-  config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
-  config.eval_data.split = eval_split
   config.eval_data.batch_size = 64
+  if arg.data == "videos":
+    data_config.use_prepared_videos(config, arg.data_dir, mode="mavil")
+  else:
+    name, train_split, eval_split = DATASETS[arg.data]
+    config.data.name, config.data.data_dir = name, arg.data_dir
+    config.data.split = train_split
+    config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
+    config.eval_data.split = eval_split
 
   config.model = dict(
       kind="mavil",

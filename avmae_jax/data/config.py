@@ -5,8 +5,11 @@ importing TensorFlow; the pipeline itself (pipeline.py) consumes the section. Fi
 meanings are commented where the defaults are set.
 """
 
+import sys
+
 import ml_collections
 
+from avmae_jax.data import prepared
 from avmae_jax.data import schema
 
 MODES = ('cav_mae', 'mavil')
@@ -84,6 +87,25 @@ def default_data_config(stage: str = 'pretrain',
   # Compile the batch transforms with XLA (several times faster on CPU hosts).
   c.jit_transforms = True
   return c
+
+
+def use_prepared_videos(config: ml_collections.ConfigDict, data_dir: str,
+                        mode: str = 'cav_mae') -> prepared.PreparedDataset:
+  """Points config.data and config.eval_data at the clips `prepare videos` wrote under data_dir.
+
+  Training split: the manifest's train; held out: its test/eval/validation split, else the
+  last `prepared.HELD_OUT_PERCENT` % of train (stated on stderr). Returns the dataset (for
+  its class count). Raises PreparedDatasetError saying what data_dir holds and what to run.
+  """
+  dataset = prepared.find(data_dir, 'avmae_videos', prepared.FRAMES_FOR_MODE[mode],
+                          field='data_dir')
+  train_split, held_out, note = dataset.train_and_eval_splits()
+  for section, split in ((config.data, train_split), (config.eval_data, held_out)):
+    section.name, section.data_dir = '', ''
+    section.builder_dir = dataset.builder_dir
+    section.split = split
+  print(f'avmae_jax: {dataset.builder_dir}: {note}', file=sys.stderr)
+  return dataset
 
 
 def validate_config(c) -> None:

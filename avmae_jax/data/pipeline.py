@@ -68,6 +68,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from avmae_jax.data import config as data_config
+from avmae_jax.data import prepared
 from avmae_jax.data import schema
 from avmae_jax.data import transforms as T
 
@@ -174,7 +175,17 @@ def _make_source(c, dataset, process_index, process_count):
   if c.builder_dir:
     builder = tfds.builder_from_directory(c.builder_dir)
   elif c.name:
-    builder = tfds.builder(c.name, data_dir=c.data_dir or None)
+    # Read the prepared directory itself where there is one: a builder that prepares from
+    # user files (avmae_videos) cannot be constructed without them.
+    builder_dir = prepared.find_builder_dir(c.data_dir, c.name)
+    if builder_dir:
+      builder = tfds.builder_from_directory(builder_dir)
+    elif c.name.partition('/')[0] == 'avmae_videos':  # raises, saying what to prepare
+      builder = tfds.builder_from_directory(prepared.find(
+          c.data_dir or '~/tensorflow_datasets', frames=c.name.partition('/')[2] or 'cavmae',
+          field='config.data.data_dir').builder_dir)
+    else:
+      builder = tfds.builder(c.name, data_dir=c.data_dir or None)
   else:
     raise ValueError('config.data.name (or builder_dir) must name a prepared '
                      'dataset when no tf.data.Dataset is given')

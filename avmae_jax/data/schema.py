@@ -24,6 +24,11 @@ FRAME_SIZE = 224
 CAV_MAE_NUM_FRAMES = 10
 SAMPLE_RATE = 16000
 
+# Where `prepare` caches per-clip features beside a dataset, and the video files it takes.
+PREPARE_DIR = "_prepare"
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg",
+                    ".ts", ".3gp", ".ogv")
+
 # Feature names, so that builders and pipeline never spell them twice.
 CLIP_ID = "clip_id"
 LABELS = "labels"

@@ -33,11 +33,10 @@ from avmae_jax.data import schema
 from avmae_jax.data import video
 
 FAILURES_FILE = "failures.jsonl"
-PREPARE_DIR = "_prepare"
+PREPARE_DIR = schema.PREPARE_DIR
 # Bumped when cached per-item features would change meaning.
 _CACHE_FORMAT = 1
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg",
-                    ".ts", ".3gp", ".ogv")
+VIDEO_EXTENSIONS = schema.VIDEO_EXTENSIONS
 
 
 @dataclasses.dataclass(frozen=True)
