@@ -12,6 +12,7 @@ channel as the reference's `sox remix 1` does, or down-mixing on request.
 """
 
 import functools
+from typing import Optional
 import math
 import os
 
@@ -146,16 +147,18 @@ def kaldi_fbank(waveform: np.ndarray,
 
 
 def clip_fbank(waveform: np.ndarray,
-               target_frames: int = schema.TARGET_FRAMES,
+               target_frames: Optional[int] = schema.TARGET_FRAMES,
                num_mel_bins: int = schema.NUM_MEL_BINS,
                sample_rate: int = schema.SAMPLE_RATE) -> np.ndarray:
   """The reference's clip transform: mean removal, Kaldi fbank, zero-pad or crop the end.
 
-  Returns float32 [target_frames, num_mel_bins].
+  Returns float32 [target_frames, num_mel_bins] (every frame when target_frames is None).
   """
   x = np.asarray(waveform, dtype=np.float32)
   x = x - x.mean(dtype=np.float64).astype(np.float32)
   fb = kaldi_fbank(x, sample_rate=sample_rate, num_mel_bins=num_mel_bins)
+  if target_frames is None:
+    return fb
   if fb.shape[0] >= target_frames:
     return fb[:target_frames]
   out = np.zeros((target_frames, num_mel_bins), np.float32)

@@ -122,7 +122,7 @@ def test_readme_own_videos_commands_run_verbatim(own_videos, tmp_path):
   commands = _readme_commands()
   assert [c.split()[2] for c in commands] == [
       "avmae_jax.prepare", "avmae_jax.train", "avmae_jax.train", "avmae_jax.evaluate",
-      "avmae_jax.export"], commands
+      "avmae_jax.embed", "avmae_jax.export"], commands
   # The demo tests' batch sizes, so that the pretraining programs come from the session's cache.
   short = ["--config.total_steps=2", "--config.batch_size=8", "--config.eval_data.batch_size=8",
            "--config.log_every=1"]
@@ -140,4 +140,62 @@ def test_readme_own_videos_commands_run_verbatim(own_videos, tmp_path):
   assert "holding out the last 10%" in outputs[1]
   evaluation = json.loads((tmp_path / "finetuned" / "eval_classify_multimodal.json").read_text())
   assert evaluation["num_clips"] == 1 and 0.0 <= evaluation["accuracy"] <= 1.0, evaluation
+  index = json.loads((tmp_path / "embeddings" / "index.json").read_text())
+  assert index["num_clips"] == len(CLASSES) * CLIPS_PER_CLASS and not index["failed"]
   assert (tmp_path / "finetuned.pth").stat().st_size > 1e6
+
+
+def test_embed_gives_extract_features_windows_long_clips_and_skips_bad_files(
+    own_videos, demo_pretrain_workdir, tmp_path):
+  from avmae_jax import cli, embed, extract  # pylint: disable=import-outside-toplevel
+  from avmae_jax.data import audio  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import soundfile as sf  # pylint: disable=import-outside-toplevel
+  clips, data_dir = own_videos
+  config = config_args.load_config(_helpers.config_path(f"demo.py:data=videos,data_dir={data_dir}"))
+  model, _ = cli.load_model(str(demo_pretrain_workdir))
+  # The same clips through prepare + extract and through embed (the start of each clip).
+  extracted = extract.run(config, str(demo_pretrain_workdir), str(tmp_path / "x"), split="train")
+  embedded = embed.embed(model, config, [str(clips)], str(tmp_path / "e"), progress=False,
+                         windows=False)
+  assert embedded["num_clips"] == len(CLASSES) * CLIPS_PER_CLASS and not embedded["failed"]
+  x = np.load(tmp_path / "x" / extracted["shards"][0]["file"])
+  e = np.load(tmp_path / "e" / embedded["shards"][0]["file"])
+  order = {c: i for i, c in enumerate(e["clip_id"])}
+  assert extracted["num_clips"] == 10 and set(x["clip_id"]) == set(order)
+  for name in ("audio", "video"):
+    got = e[name][[order[c] for c in x["clip_id"]]]
+    assert np.max(np.abs(got - x[name])) / np.max(np.abs(x[name])) <= 1e-5, name
+  assert all(p.startswith(str(clips)) for p in e["path"])
+
+  # Any length, audio-only, and bad files in one call.
+  other = tmp_path / "other"
+  other.mkdir()
+  for name, seconds in (("short4s", 4.0), ("long20s", 20.0)):
+    synthetic.write_video(other / f"{name}.mp4", synthetic.draw_scene(3, "train", 7,
+                          seconds=seconds), width=160, height=120, fps=10, audio_codec="aac")
+  wave = audio.load_audio(other / "short4s.mp4")
+  sf.write(other / "speech.wav", wave, 16000)
+  synthetic.write_video(other / "silent.mp4", synthetic.draw_scene(3, "train", 8, seconds=2.0),
+                        width=160, height=120, fps=10, audio_codec=None)
+  (other / "notes.mp4").write_text("not a video")
+  index = embed.embed(model, config, [str(other)], str(tmp_path / "o"), progress=False)
+  failed = {os.path.basename(f["path"]): f["reason"] for f in index["failed"]}
+  assert set(failed) == {"silent.mp4", "notes.mp4"}, failed
+  assert "no audio stream" in failed["silent.mp4"] and "notes.mp4" in failed["notes.mp4"]
+  o = np.load(tmp_path / "o" / index["shards"][0]["file"])
+  got = dict(zip(o["clip_id"], range(len(o["clip_id"]))))
+  assert set(got) == {"long20s", "short4s", "speech"}
+  # 256-frame windows (the demo's audio length): 20 s -> 8 windows, 4 s -> 2.
+  assert o["windows"][got["long20s"]] == 8 and o["windows"][got["short4s"]] == 2
+  assert not o["has_video"][got["speech"]] and np.isnan(o["video"][got["speech"]]).all()
+  # The wav holds the mp4's audio (16-bit, 16 kHz): the same audio embedding.
+  np.testing.assert_allclose(o["audio"][got["speech"]], o["audio"][got["short4s"]], atol=1e-5)
+  # The long clip's audio embedding is the mean of its windows' embeddings.
+  decoded = embed.decode(str(other / "long20s.mp4"), 10, 256)
+  windows = decoded["windows"].astype(np.float32)
+  norm = (windows - config.eval_data.norm_mean) / (config.eval_data.norm_std
+                                                   * config.eval_data.norm_std_factor)
+  frames = np.zeros((len(windows), 112, 112, 3), np.float32)
+  want = model.features(norm, frames, pooled=True)["audio"].mean(0)
+  np.testing.assert_allclose(o["audio"][got["long20s"]], want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,240 @@
+r"""Files in, embeddings out: features of your own video and audio files, no dataset needed.
+
+  python -m avmae_jax.embed --config CONFIG --checkpoint CKPT --out DIR PATH [PATH ...]
+      [--pooled | --tokens] [--shard_size 1024] [--dtype float16] [--batch_size 16]
+
+PATHs are files or folders (searched recursively): videos (mp4, mkv, webm, ...) and audio-only
+files (wav, flac, mp3, ogg, m4a, ...). Each file is decoded exactly as `prepare` decodes a
+clip (data/clip.py: first channel, 16 kHz, the Kaldi filterbank; frames at the reference's
+positions over the whole file) and then goes through the config's eval_data transforms (the
+normalisation, the evaluation frame, frame_resize), so a clip gives the features `extract`
+gives for it once prepared.
+
+Clip length: a file up to the model's audio length (target_length log-mel frames, 10.24 s for
+1,024) is padded with zeros as the reference pads; a longer one is cut into windows of that
+length (consecutive; the last one ends at the file's end and may overlap the one before), and
+its audio embedding is the mean of the windows' embeddings (`windows` per clip is stored;
+--nowindows keeps the first window only, which is what prepare + extract see). The video
+embedding uses the frames chosen over the whole file, as prepare does.
+
+Output: the shard format of `extract` (DIR/features-NNNNN.npz: audio, video, clip_id (the file
+stem), labels (empty)) plus `path`, `windows` and `has_video` (False for audio-only files,
+whose video rows are NaN) and DIR/index.json. A file that cannot be decoded (corrupt, not
+media, no audio track) is listed with its reason in index.json's `failed` and on stderr and
+skipped; every good file is written; the exit status is then 1.
+"""
+
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from avmae_jax import api
+from avmae_jax import cli
+from avmae_jax.data import schema
+from avmae_jax.evaluators import common as eval_common
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma")
+DTYPES = ("float32", "float16")
+# Files decoded and embedded per round (bounds the decoded clips held in memory).
+FILES_PER_ROUND = 256
+
+
+class EmbedError(Exception):
+  """A request that cannot be served (no files, bad option)."""
+
+
+def find_files(paths: Sequence[str]) -> list[str]:
+  """The media files named by `paths` (files as given; folders searched, sorted)."""
+  media = schema.VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
+  out = []
+  for path in paths:
+    if os.path.isdir(path):
+      out += sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                    if f.lower().endswith(media))
+    else:
+      out.append(path)  # a missing or odd file is reported by decoding, with its reason
+  return out
+
+
+def _is_audio_only(path: str) -> bool:
+  return path.lower().endswith(AUDIO_EXTENSIONS)
+
+
+def audio_windows(fbank: np.ndarray, length: int) -> np.ndarray:
+  """[windows, length, bins]: one zero-padded window for a clip up to `length` frames, else
+  consecutive windows, the last aligned to the clip's end."""
+  t = fbank.shape[0]
+  if t <= length:
+    out = np.zeros((1, length, fbank.shape[1]), fbank.dtype)
+    out[0, :t] = fbank
+    return out
+  starts = list(range(0, t - length + 1, length))
+  if starts[-1] + length < t:
+    starts.append(t - length)
+  return np.stack([fbank[s:s + length] for s in starts])
+
+
+def decode(path: str, num_frames: int, target_length: int,
+           windows: bool = True) -> dict[str, Any]:
+  """One file as prepare decodes it: {fbank windows, frames (JPEG bytes), has_video}.
+
+  Raises audio.AudioError / video.VideoError naming the file and the reason.
+  """
+  from avmae_jax.data import audio  # pylint: disable=import-outside-toplevel
+  from avmae_jax.data import video  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise audio.AudioError(f"{path}: no such file")
+  wave = audio.load_audio(path)
+  fbank = audio.clip_fbank(wave, target_frames=None)
+  if not np.all(np.isfinite(fbank)):
+    raise audio.AudioError(f"{path}: filterbank is not finite")
+  if _is_audio_only(path):
+    black = video.encode_jpeg(np.zeros((schema.FRAME_SIZE, schema.FRAME_SIZE, 3), np.uint8))
+    seconds = len(wave) / schema.SAMPLE_RATE
+    frames, times, has_video = [black] * num_frames, np.arange(num_frames) * (
+        seconds / num_frames), False
+  else:
+    frames, times = video.extract_frames(path, num_frames=num_frames)
+    has_video = True
+  # float16, as prepared datasets store it, so that both give the same features.
+  fbank = fbank.astype(np.float16)
+  if not windows:  # the start only, as prepare + extract see a clip
+    fbank = fbank[:target_length]
+  return {"windows": audio_windows(fbank, target_length),
+          "frames": list(frames), "frame_times": np.asarray(times, np.float32),
+          "has_video": has_video}
+
+
+def _dataset(decoded: list[dict[str, Any]]):
+  """The windows of decoded files as an in-memory dataset of schema examples."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  fbank = np.concatenate([d["windows"] for d in decoded]).astype(np.float32)
+  frames = [f for d in decoded for f in [d["frames"]] * len(d["windows"])]
+  times = np.stack([t for d in decoded for t in [d["frame_times"]] * len(d["windows"])])
+  ids = [f"{i}" for i, d in enumerate(decoded) for _ in range(len(d["windows"]))]
+  return tf.data.Dataset.from_tensor_slices({
+      schema.FBANK: fbank, schema.FRAMES: tf.constant(frames, tf.string),
+      schema.FRAME_TIMES: times, schema.LABELS: np.zeros((len(ids), 1), np.float32),
+      schema.CLIP_ID: ids})
+
+
+def embed(model: api.LoadedModel, config: ml_collections.ConfigDict, paths: Sequence[str],
+          out: str, pooled: bool = True, shard_size: int = 1024, dtype: str = "float32",
+          batch_size: int = 16, progress: bool = True, windows: bool = True,
+          meta: Optional[dict] = None) -> dict[str, Any]:
+  """Embeds the media files under `paths` into `out`; returns the index (also written)."""
+  from avmae_jax import extract  # pylint: disable=import-outside-toplevel
+  from avmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  import tqdm  # pylint: disable=import-outside-toplevel
+  if dtype not in DTYPES:
+    raise EmbedError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+  if not isinstance(shard_size, int) or shard_size < 1:
+    raise EmbedError(f"--shard_size must be a positive number of clips, got {shard_size!r}")
+  files = find_files(paths)
+  if not files:
+    raise EmbedError(f"no video or audio files in {list(paths)}")
+  c = ml_collections.ConfigDict(config.eval_data.to_dict())
+  c.name, c.builder_dir, c.eval_all_frames, c.return_clip_id = "", "", False, True
+  c.batch_size = batch_size
+  # As `prepare --frames cavmae|fps2` stores them (10, or 20 = 2 per second of a 10 s clip).
+  stored_frames = schema.CAV_MAE_NUM_FRAMES if c.mode == "cav_mae" else 20
+  os.makedirs(out, exist_ok=True)
+  writer = extract._ShardWriter(out, shard_size, None)  # pylint: disable=protected-access
+  failed, shapes = [], {}
+  bar = tqdm.tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr)
+  for start in range(0, len(files), FILES_PER_ROUND):
+    good, decoded = [], []
+    for path in files[start:start + FILES_PER_ROUND]:
+      try:
+        decoded.append(decode(path, stored_frames, c.target_length, windows))
+        good.append(path)
+      except ValueError as e:  # AudioError, VideoError: the message names the file
+        failed.append({"path": path, "reason": str(e)})
+        print(f"SKIPPED {e}", file=sys.stderr)
+      bar.update(1)
+    if not good:
+      continue
+    sums = [None] * len(good)
+    video = [None] * len(good)
+    with pipeline.create_iterator(c, _dataset(decoded)) as batches:
+      for batch in batches:
+        keep = eval_common.valid_rows(batch)
+        feats = model.features(batch["audio"], batch["frames"], pooled=pooled)
+        for row, clip in enumerate(np.asarray(batch[schema.CLIP_ID])[keep]):
+          i = int(clip.decode() if isinstance(clip, bytes) else clip)
+          a = np.asarray(feats["audio"][keep][row], np.float64)
+          sums[i] = a if sums[i] is None else sums[i] + a
+          if video[i] is None:
+            video[i] = np.asarray(feats["video"][keep][row], np.float32)
+    n_windows = np.array([len(d["windows"]) for d in decoded])
+    has_video = np.array([d["has_video"] for d in decoded])
+    arrays = {
+        "audio": np.stack([s / w for s, w in zip(sums, n_windows)]).astype(dtype),
+        "video": np.stack([v if h else np.full_like(v, np.nan)
+                           for v, h in zip(video, has_video)]).astype(dtype),
+        "clip_id": np.array([os.path.splitext(os.path.basename(p))[0] for p in good], str),
+        "labels": np.zeros((len(good), 0), np.float32),
+        "path": np.array([os.path.abspath(p) for p in good], str),
+        "windows": n_windows.astype(np.int32), "has_video": has_video}
+    shapes = shapes or {k: list(v.shape[1:]) for k, v in arrays.items()}
+    writer.add(arrays)
+  bar.close()
+  writer.close()
+  index = {**(meta or {}), "pooled": bool(pooled), "dtype": dtype, "shapes": shapes,
+           "num_clips": sum(s["num_clips"] for s in writer.shards), "shards": writer.shards,
+           "window_frames": int(c.target_length),
+           "clip_length": ("padded to window_frames log-mel frames; longer clips: the mean "
+                           "audio embedding of consecutive windows of window_frames (the last "
+                           "ending at the clip's end), video from frames over the whole clip"
+                           if windows else "the first window_frames log-mel frames (padded),"
+                           " as prepare + extract"),
+           "failed": failed}
+  with open(os.path.join(out, "index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+  return index
+
+
+def _define_flags() -> None:
+  cli.define_model_flags("configs/FILE.py[:args] the model was trained with (its eval_data "
+                         "transforms are applied).",
+                         "Model directory, training workdir or reference .pth.")
+  flags.DEFINE_string("out", None, "Directory for the .npz shards and index.json.")
+  flags.DEFINE_bool("pooled", None, "Mean-pooled [D] vectors per clip (the default).")
+  flags.DEFINE_bool("tokens", None, "Whole token sequences [L, D] per clip instead.")
+  flags.DEFINE_integer("shard_size", 1024, "Clips per .npz shard.")
+  flags.DEFINE_integer("batch_size", 16, "Windows per forward pass.")
+  flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Stored feature dtype.")
+  flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+  flags.DEFINE_bool("windows", True, "Average the audio over windows of a long clip; "
+                    "--nowindows keeps its start only, as prepare + extract do.")
+  flags.mark_flags_as_required(["config", "checkpoint", "out"])
+
+
+def main(argv):
+  paths = argv[1:]
+  with cli.command(argv[:1], EmbedError) as f:
+    if f.pooled and f.tokens:
+      raise app.UsageError("--pooled and --tokens exclude each other")
+    if not paths:
+      raise app.UsageError("give the files or folders to embed after the flags")
+    if jax.process_count() > 1:
+      raise EmbedError("embed runs in one process; use extract on a prepared dataset")
+    model, where = cli.load_model(f.checkpoint, f.step)
+    index = embed(model, f.config, paths, f.out, not (f.tokens or f.pooled is False),
+                  f.shard_size, f.dtype, f.batch_size, f.progress, f.windows,
+                  meta={"model": where})
+  print(f"{index['num_clips']} file(s) embedded by {index['model']} into {f.out}; "
+        f"{len(index['failed'])} skipped")
+  return 1 if index["failed"] else 0
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
