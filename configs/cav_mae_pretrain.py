@@ -45,17 +45,7 @@ def get_config(arg=None):
   config.optimizer = optim.default_optimizer_config()
   config.optimizer.lr = lr
 
-  config.data = data_config.default_data_config("pretrain")
-  config.eval_data = data_config.default_data_config("eval")
-  config.eval_data.batch_size = 64
-  if arg.data == "videos":
-    data_config.use_prepared_videos(config, arg.data_dir)
-  else:
-    name, train_split, eval_split = DATASETS[arg.data]
-    config.data.name, config.data.data_dir = name, arg.data_dir
-    config.data.split = train_split
-    config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
-    config.eval_data.split = eval_split
+  data_config.pretraining_sections(config, arg.data, arg.data_dir, DATASETS)
   if arg.data == "synthetic":
     config.synthetic = dict(num_train=512, num_test=128, seed=0, num_classes=8,
                             data_dir=arg.data_dir, num_workers=2)

@@ -79,17 +79,7 @@ def get_config(arg=None):
   config.optimizer.warmup_epochs = WARMUP_EPOCHS
   config.optimizer.min_lr = 0.0
 
-  config.data = data_config.default_data_config("pretrain", mode="mavil")
-  config.eval_data = data_config.default_data_config("eval", mode="mavil")
-  config.eval_data.batch_size = 64
-  if arg.data == "videos":
-    data_config.use_prepared_videos(config, arg.data_dir, mode="mavil")
-  else:
-    name, train_split, eval_split = DATASETS[arg.data]
-    config.data.name, config.data.data_dir = name, arg.data_dir
-    config.data.split = train_split
-    config.eval_data.name, config.eval_data.data_dir = name, arg.data_dir
-    config.eval_data.split = eval_split
+  data_config.pretraining_sections(config, arg.data, arg.data_dir, DATASETS, mode="mavil")
 
   config.model = dict(
       kind="mavil",

@@ -89,6 +89,26 @@ def default_data_config(stage: str = 'pretrain',
   return c
 
 
+def pretraining_sections(config: ml_collections.ConfigDict, data: str, data_dir: str,
+                         datasets: dict, mode: str = 'cav_mae') -> None:
+  """config.data and config.eval_data of a pretraining recipe.
+
+  `data` is "videos" (your clips under data_dir: `use_prepared_videos`) or a key of
+  `datasets`, {data: (TFDS builder name, training split, held-out split)}.
+  """
+  config.data = default_data_config('pretrain', mode=mode)
+  config.eval_data = default_data_config('eval', mode=mode)
+  config.eval_data.batch_size = 64
+  if data == 'videos':
+    use_prepared_videos(config, data_dir, mode)
+    return
+  name, train_split, eval_split = datasets[data]
+  config.data.name, config.data.data_dir = name, data_dir
+  config.data.split = train_split
+  config.eval_data.name, config.eval_data.data_dir = name, data_dir
+  config.eval_data.split = eval_split
+
+
 def use_prepared_videos(config: ml_collections.ConfigDict, data_dir: str,
                         mode: str = 'cav_mae') -> prepared.PreparedDataset:
   """Points config.data and config.eval_data at the clips `prepare videos` wrote under data_dir.
