@@ -167,12 +167,13 @@ def embed(model: api.LoadedModel, config: ml_collections.ConfigDict, paths: Sequ
       for batch in batches:
         keep = eval_common.valid_rows(batch)
         feats = model.features(batch["audio"], batch["frames"], pooled=pooled)
+        audio_rows = np.asarray(feats["audio"], np.float64)[keep]
+        video_rows = np.asarray(feats["video"], np.float32)[keep]
         for row, clip in enumerate(np.asarray(batch[schema.CLIP_ID])[keep]):
           i = int(clip.decode() if isinstance(clip, bytes) else clip)
-          a = np.asarray(feats["audio"][keep][row], np.float64)
-          sums[i] = a if sums[i] is None else sums[i] + a
+          sums[i] = audio_rows[row] if sums[i] is None else sums[i] + audio_rows[row]
           if video[i] is None:
-            video[i] = np.asarray(feats["video"][keep][row], np.float32)
+            video[i] = video_rows[row]
     n_windows = np.array([len(d["windows"]) for d in decoded])
     has_video = np.array([d["has_video"] for d in decoded])
     arrays = {
