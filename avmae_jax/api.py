@@ -6,6 +6,11 @@
     logits = model.classify(audio, frames, mode="audioonly")   # fine-tuned models
     model.save_torch("out.pth")                         # loads strict=True in the reference
 
+From files and waveforms (decoded and normalised as `prepare` and the pipeline do; these
+need the data extra, `pip install 'avmae_jax[data]'`):
+    out = model.embed(["clip.mp4", "folder/", "dog.wav"])  # {"audio": [N, 768], "video", "path", ...}
+    vec = model.embed_waveform(wave, sample_rate=44100)    # [768]; mono float in [-1, 1]
+
 CAV-MAE: audio is [B, 1024, 128] normalised log-mel, frames [B, 224, 224, 3] normalised RGB
 (NHWC). MAViL: audio [B, 1024, 128], frames [B, 8, 224, 224, 3] (a clip of 8 frames);
 features are each modality's ViT outputs ({"audio": [B, 512, 768], "video": [B, 784, 768]}).
@@ -81,6 +86,37 @@ class LoadedModel:
     a = None if audio is None else jnp.asarray(audio, jnp.float32)
     v = None if frames is None else jnp.asarray(frames, jnp.float32)
     return np.asarray(self._classify_fn(self.params, a, v, mode))
+
+  def embed(self, paths, pooled: bool = True, batch_size: int = 16, windows: bool = True,
+            config=None, progress: bool = False) -> dict[str, Any]:
+    """Embeddings of video and audio files (or folders of them), as `python -m
+    avmae_jax.embed` writes them: {"audio": [N, D], "video": [N, D] (NaN rows for
+    audio-only files), "clip_id", "path", "windows", "has_video", "labels" (empty),
+    "failed": [{path, reason}] (files that could not be decoded, skipped)}.
+
+    A clip longer than the model's audio length gets the mean over windows of that length
+    (windows=False: its start only). config: a training config whose eval_data transforms
+    to apply (default: the model family's evaluation defaults). Imports TensorFlow.
+    """
+    from avmae_jax import embed as embed_lib  # pylint: disable=import-outside-toplevel
+    files = embed_lib.find_files([paths] if isinstance(paths, (str, os.PathLike)) else paths)
+    data = embed_lib.data_config(self, config)
+    rounds = list(embed_lib.embed_files(self, data, [os.fspath(f) for f in files], pooled,
+                                        batch_size, windows, progress))
+    failed = [item for _, round_failed in rounds for item in round_failed]
+    parts = [arrays for arrays, _ in rounds if arrays is not None]
+    if not parts:
+      raise ValueError(f"no file could be embedded: {failed or 'no media files given'}")
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["failed"] = failed
+    return out
+
+  def embed_waveform(self, waveform, sample_rate: int = 16000, pooled: bool = True,
+                     windows: bool = True, config=None) -> np.ndarray:
+    """The audio embedding of a mono waveform (float in [-1, 1], any rate): [D], or the
+    [La, D] tokens with pooled=False; long clips averaged over windows. No TensorFlow."""
+    from avmae_jax import embed as embed_lib  # pylint: disable=import-outside-toplevel
+    return embed_lib.embed_waveform(self, waveform, sample_rate, pooled, windows, config)
 
   def state_dict(self) -> dict[str, np.ndarray]:
     return interop.flax_to_torch(self.params)

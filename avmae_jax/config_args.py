@@ -69,6 +69,12 @@ def training_run(batch_size: int, num_epochs: int, eval_every: int,
   config.keep_checkpoints = 3
   config.eval_every = eval_every
   config.init_from = init_from
+  # When init_from's audio position tables are for another audio length than
+  # model.audio_length (e.g. fine-tuning a 1,024-frame model on 2.56 s clips with
+  # audio_length=256): "crop" keeps the first positions (where a padded short clip sits in
+  # the trained model), "interpolate" resamples the whole table to the new length (AST's
+  # choice); "" (default) refuses a checkpoint of another length.
+  config.init_audio_pos = ""
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   # JAX's persistent compilation cache: a restarted or resumed run loads its compiled
   # programs instead of compiling them again. "auto": $JAX_COMPILATION_CACHE_DIR if set,

@@ -1,14 +1,18 @@
 r"""Files in, embeddings out: features of your own video and audio files, no dataset needed.
 
-  python -m avmae_jax.embed --config CONFIG --checkpoint CKPT --out DIR PATH [PATH ...]
+  python -m avmae_jax.embed --checkpoint CKPT --out DIR PATH [PATH ...] [--config CONFIG]
       [--pooled | --tokens] [--shard_size 1024] [--dtype float16] [--batch_size 16]
+
+In Python: `avmae_jax.load(CKPT).embed(paths)` (the same arrays, in memory) and
+`.embed_waveform(wave, sample_rate)` (a waveform's audio embedding, no file).
 
 PATHs are files or folders (searched recursively): videos (mp4, mkv, webm, ...) and audio-only
 files (wav, flac, mp3, ogg, m4a, ...). Each file is decoded exactly as `prepare` decodes a
 clip (data/clip.py: first channel, 16 kHz, the Kaldi filterbank; frames at the reference's
 positions over the whole file) and then goes through the config's eval_data transforms (the
 normalisation, the evaluation frame, frame_resize), so a clip gives the features `extract`
-gives for it once prepared.
+gives for it once prepared. Without --config: the evaluation defaults of the model's family
+(`data_config`) at the checkpoint's audio length and frame size.
 
 Clip length: a file up to the model's audio length (target_length log-mel frames, 10.24 s for
 1,024) is padded with zeros as the reference pads; a longer one is cut into windows of that
@@ -27,7 +31,7 @@ skipped; every good file is written; the exit status is then 1.
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -125,41 +129,50 @@ def _dataset(decoded: list[dict[str, Any]]):
       schema.CLIP_ID: ids})
 
 
-def embed(model: api.LoadedModel, config: ml_collections.ConfigDict, paths: Sequence[str],
-          out: str, pooled: bool = True, shard_size: int = 1024, dtype: str = "float32",
-          batch_size: int = 16, progress: bool = True, windows: bool = True,
-          meta: Optional[dict] = None) -> dict[str, Any]:
-  """Embeds the media files under `paths` into `out`; returns the index (also written)."""
-  from avmae_jax import extract  # pylint: disable=import-outside-toplevel
+def data_config(model: api.LoadedModel,
+                config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
+  """The input section embedding applies: `config.eval_data` when a training config is
+  given, else the evaluation defaults of the model's family (the reference's log-mel
+  normalisation, frame 5 / MAViL's 8 frames) at the model's audio length and frame size."""
+  if config is not None:
+    c = ml_collections.ConfigDict(config.eval_data.to_dict())
+  else:
+    from avmae_jax.data import config as data_config_lib  # pylint: disable=import-outside-toplevel
+    mode = "mavil" if model.module.frames_per_input > 1 else "cav_mae"
+    c = data_config_lib.default_data_config("eval", mode=mode)
+    c.target_length = int(model.module.audio_length)
+    if model.module.img_size != c.frame_size:
+      c.frame_resize = int(model.module.img_size)
+  c.name, c.builder_dir, c.eval_all_frames, c.return_clip_id = "", "", False, True
+  return c
+
+
+def embed_files(model: api.LoadedModel, data: ml_collections.ConfigDict, files: Sequence[str],
+                pooled: bool = True, batch_size: int = 16, windows: bool = True,
+                progress: bool = False) -> Iterator[tuple[Optional[dict], list[dict]]]:
+  """Embeds `files` FILES_PER_ROUND at a time; yields (arrays, failed) per round.
+
+  arrays (None when no file of the round decoded): audio, video, clip_id, labels (empty),
+  path, windows, has_video, one row per good file. failed: [{path, reason}].
+  """
   from avmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   import tqdm  # pylint: disable=import-outside-toplevel
-  if dtype not in DTYPES:
-    raise EmbedError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-  if not isinstance(shard_size, int) or shard_size < 1:
-    raise EmbedError(f"--shard_size must be a positive number of clips, got {shard_size!r}")
-  files = find_files(paths)
-  if not files:
-    raise EmbedError(f"no video or audio files in {list(paths)}")
-  c = ml_collections.ConfigDict(config.eval_data.to_dict())
-  c.name, c.builder_dir, c.eval_all_frames, c.return_clip_id = "", "", False, True
+  c = ml_collections.ConfigDict(data.to_dict())
   c.batch_size = batch_size
   # As `prepare --frames cavmae|fps2` stores them (10, or 20 = 2 per second of a 10 s clip).
   stored_frames = schema.CAV_MAE_NUM_FRAMES if c.mode == "cav_mae" else 20
-  os.makedirs(out, exist_ok=True)
-  writer = extract._ShardWriter(out, shard_size, None)  # pylint: disable=protected-access
-  failed, shapes = [], {}
   bar = tqdm.tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr)
   for start in range(0, len(files), FILES_PER_ROUND):
-    good, decoded = [], []
+    good, decoded, failed = [], [], []
     for path in files[start:start + FILES_PER_ROUND]:
       try:
         decoded.append(decode(path, stored_frames, c.target_length, windows))
         good.append(path)
       except ValueError as e:  # AudioError, VideoError: the message names the file
         failed.append({"path": path, "reason": str(e)})
-        print(f"SKIPPED {e}", file=sys.stderr)
       bar.update(1)
     if not good:
+      yield None, failed
       continue
     sums = [None] * len(good)
     video = [None] * len(good)
@@ -176,21 +189,83 @@ def embed(model: api.LoadedModel, config: ml_collections.ConfigDict, paths: Sequ
             video[i] = video_rows[row]
     n_windows = np.array([len(d["windows"]) for d in decoded])
     has_video = np.array([d["has_video"] for d in decoded])
-    arrays = {
-        "audio": np.stack([s / w for s, w in zip(sums, n_windows)]).astype(dtype),
+    yield {
+        "audio": np.stack([s / w for s, w in zip(sums, n_windows)]).astype(np.float32),
         "video": np.stack([v if h else np.full_like(v, np.nan)
-                           for v, h in zip(video, has_video)]).astype(dtype),
+                           for v, h in zip(video, has_video)]),
         "clip_id": np.array([os.path.splitext(os.path.basename(p))[0] for p in good], str),
         "labels": np.zeros((len(good), 0), np.float32),
         "path": np.array([os.path.abspath(p) for p in good], str),
-        "windows": n_windows.astype(np.int32), "has_video": has_video}
+        "windows": n_windows.astype(np.int32), "has_video": has_video}, failed
+  bar.close()
+
+
+def embed_waveform(model: api.LoadedModel, waveform: np.ndarray,
+                   sample_rate: int = schema.SAMPLE_RATE, pooled: bool = True,
+                   windows: bool = True,
+                   config: Optional[ml_collections.ConfigDict] = None) -> np.ndarray:
+  """The audio embedding of a mono waveform, as `embed` gives it for an audio file.
+
+  The waveform (float, [-1, 1]) is resampled to 16 kHz if needed (swresample, as decoding
+  does), then the Kaldi filterbank, the float16 storage rounding, the windows of a long clip
+  and the config's normalisation; no TensorFlow. Returns [D] (pooled) or [La, D] tokens,
+  averaged over the windows.
+  """
+  from avmae_jax.data import audio  # pylint: disable=import-outside-toplevel
+  wave = np.asarray(waveform, np.float32)
+  if wave.ndim != 1:
+    raise ValueError(f"waveform must be mono, [samples]; got shape {wave.shape} (take one "
+                     "channel, e.g. wave[:, 0])")
+  if not np.all(np.isfinite(wave)):
+    raise ValueError("waveform has NaN or infinite samples")
+  if sample_rate != schema.SAMPLE_RATE:
+    wave = audio.resample(wave, sample_rate, schema.SAMPLE_RATE)
+  c = data_config(model, config)
+  fbank = audio.clip_fbank(wave, target_frames=None).astype(np.float16)
+  if not windows:
+    fbank = fbank[:c.target_length]
+  x = audio_windows(fbank, c.target_length).astype(np.float32)
+  x = (x - np.float32(c.norm_mean)) / np.float32(c.norm_std_factor * c.norm_std)
+  frames = np.zeros((len(x),) + tuple(model.module.input_shapes(1)[1].shape[1:]), np.float32)
+  feats = model.features(x, frames, pooled=pooled)["audio"]
+  return np.mean(feats.astype(np.float64), axis=0).astype(np.float32)
+
+
+def embed(model: api.LoadedModel, config: Optional[ml_collections.ConfigDict],
+          paths: Sequence[str], out: str, pooled: bool = True, shard_size: int = 1024,
+          dtype: str = "float32", batch_size: int = 16, progress: bool = True,
+          windows: bool = True, meta: Optional[dict] = None) -> dict[str, Any]:
+  """Embeds the media files under `paths` into `out`; returns the index (also written).
+
+  config: the training config (its eval_data transforms), or None for the model's defaults.
+  """
+  from avmae_jax import extract  # pylint: disable=import-outside-toplevel
+  if dtype not in DTYPES:
+    raise EmbedError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+  if not isinstance(shard_size, int) or shard_size < 1:
+    raise EmbedError(f"--shard_size must be a positive number of clips, got {shard_size!r}")
+  files = find_files(paths)
+  if not files:
+    raise EmbedError(f"no video or audio files in {list(paths)}")
+  data = data_config(model, config)
+  os.makedirs(out, exist_ok=True)
+  writer = extract.ShardWriter(out, shard_size, None)
+  failed, shapes = [], {}
+  for arrays, round_failed in embed_files(model, data, files, pooled, batch_size, windows,
+                                          progress):
+    failed += round_failed
+    for item in round_failed:
+      print(f"SKIPPED {item['reason']}", file=sys.stderr)
+    if arrays is None:
+      continue
+    arrays["audio"] = arrays["audio"].astype(dtype)
+    arrays["video"] = arrays["video"].astype(dtype)
     shapes = shapes or {k: list(v.shape[1:]) for k, v in arrays.items()}
     writer.add(arrays)
-  bar.close()
   writer.close()
   index = {**(meta or {}), "pooled": bool(pooled), "dtype": dtype, "shapes": shapes,
            "num_clips": sum(s["num_clips"] for s in writer.shards), "shards": writer.shards,
-           "window_frames": int(c.target_length),
+           "window_frames": int(data.target_length),
            "clip_length": ("padded to window_frames log-mel frames; longer clips: the mean "
                            "audio embedding of consecutive windows of window_frames (the last "
                            "ending at the clip's end), video from frames over the whole clip"
@@ -204,7 +279,8 @@ def embed(model: api.LoadedModel, config: ml_collections.ConfigDict, paths: Sequ
 
 def _define_flags() -> None:
   cli.define_model_flags("configs/FILE.py[:args] the model was trained with (its eval_data "
-                         "transforms are applied).",
+                         "transforms are applied); default: the model family's evaluation "
+                         "defaults at the checkpoint's input sizes.",
                          "Model directory, training workdir or reference .pth.")
   flags.DEFINE_string("out", None, "Directory for the .npz shards and index.json.")
   flags.DEFINE_bool("pooled", None, "Mean-pooled [D] vectors per clip (the default).")
@@ -215,7 +291,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
   flags.DEFINE_bool("windows", True, "Average the audio over windows of a long clip; "
                     "--nowindows keeps its start only, as prepare + extract do.")
-  flags.mark_flags_as_required(["config", "checkpoint", "out"])
+  flags.mark_flags_as_required(["checkpoint", "out"])
 
 
 def main(argv):

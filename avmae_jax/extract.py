@@ -45,7 +45,7 @@ def _as_str(ids) -> np.ndarray:
                    for i in ids], dtype=str)
 
 
-class _ShardWriter:
+class ShardWriter:
   """Buffers clips and writes a shard each time `shard_size` of them are there."""
 
   def __init__(self, out: str, shard_size: int, host: Optional[int]):
@@ -86,7 +86,7 @@ def extract(model: api.LoadedModel, batches: Iterable[Mapping[str, Any]], out: s
   if dtype not in DTYPES:
     raise ExtractError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
   os.makedirs(out, exist_ok=True)
-  writer = _ShardWriter(out, shard_size, host)
+  writer = ShardWriter(out, shard_size, host)
   shapes = {}
   for index, batch in enumerate(batches):
     if index == 0:

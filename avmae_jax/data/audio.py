@@ -229,6 +229,23 @@ def load_audio(path: os.PathLike | str,
   return wave
 
 
+def resample(waveform: np.ndarray, sample_rate: int,
+             target_rate: int = schema.SAMPLE_RATE) -> np.ndarray:
+  """A mono float32 waveform at `target_rate`, by FFmpeg's swresample (what `load_audio`
+  uses, so an array and its file give the same samples up to the file's own coding)."""
+  wave = np.ascontiguousarray(waveform, dtype=np.float32)
+  if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+    raise AudioError(f"sample_rate must be a positive int in Hz, got {sample_rate!r}")
+  if sample_rate == target_rate:
+    return wave
+  frame = av.AudioFrame.from_ndarray(wave[None], format="fltp", layout="mono")
+  frame.sample_rate = int(sample_rate)
+  resampler = av.AudioResampler(format="fltp", layout="mono", rate=target_rate)
+  chunks = [out.to_ndarray()[0] for out in resampler.resample(frame)]
+  chunks += [out.to_ndarray()[0] for out in resampler.resample(None)]
+  return np.concatenate(chunks).astype(np.float32)
+
+
 def load_wav(path: os.PathLike | str, sample_rate: int = schema.SAMPLE_RATE,
              downmix: bool = False) -> np.ndarray:
   """Reads an already-extracted audio file (wav/flac) as the reference's `torchaudio.load`.

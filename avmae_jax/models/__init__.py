@@ -18,6 +18,7 @@ from avmae_jax.models import layers
 from avmae_jax.models import mavil
 from avmae_jax.models import mavil_ft
 from avmae_jax.models.common import abstract_params
+from avmae_jax.models.common import AUDIO_POSITION_FITS
 from avmae_jax.models.common import AVModel
 from avmae_jax.models.common import boxed_abstract_params
 from avmae_jax.models.common import CheckpointError
@@ -25,7 +26,7 @@ from avmae_jax.models.common import example_inputs
 from avmae_jax.models.common import init_params
 from avmae_jax.models.common import merge_params
 
-__all__ = ["AVModel", "CheckpointError", "MODEL_CLASSES", "abstract_params",
+__all__ = ["AUDIO_POSITION_FITS", "AVModel", "CheckpointError", "MODEL_CLASSES", "abstract_params",
            "DTYPES", "boxed_abstract_params", "build", "classifier_kinds", "config_from_state_dict",
            "example_inputs", "init_params", "merge_params", "model_config", "size_fields",
            "to_dtype"]

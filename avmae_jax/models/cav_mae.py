@@ -47,6 +47,9 @@ class _Encoder(common.AVModel):
   shared_depth: int = 1
 
   sizes = SIZES
+  # Tables [1, F * T, D], frequency-major (audio_grid); the pretraining decoder's too.
+  audio_position_tables = ("pos_embed_a", "decoder_pos_embed_a")
+  audio_time_axis = 1
 
   def input_shapes(self, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
     return (jax.ShapeDtypeStruct((batch, self.audio_length, self.num_mel_bins), jnp.float32),

@@ -15,6 +15,7 @@ a model's class or kind:
   frozen_param_names()    top-level parameters no optimizer may update
   lr_layers()             layer ids for layer-wise lr decay
   init_rules()            what a checkpoint gives it when a run starts from one
+  fit_audio_positions()   a checkpoint's audio position tables fitted to audio_length
   map_imagenet_mae()      the paper's ImageNet-MAE initialisation (CAV-MAE pretraining)
   check_inpainting()      whether `inpaint` can draw its reconstructions
   forward_flops(mode)     analytic matmul FLOPs of one sample's forward pass
@@ -170,6 +171,30 @@ def merge_params(init: Params, loaded: Mapping[str, Any], rules: InitRules,
                   "initialised": sorted(fresh)}
 
 
+AUDIO_POSITION_FITS = ("crop", "interpolate")
+
+
+def fit_time_axis(table: np.ndarray, time_patches: int, how: str) -> np.ndarray:
+  """A position table [..., T, ..., D] as `time_patches` positions along axis 0.
+
+  crop: the first positions (those a zero-padded short clip occupies in the trained model;
+  for fixed sin-cos tables exactly the table of the shorter grid). interpolate: the whole
+  table resampled linearly (half-pixel centres, no antialiasing, as torch's
+  F.interpolate(mode="bilinear") that AST uses), so the clip spans the trained range.
+  """
+  t = table.shape[0]
+  if how == "crop":
+    if time_patches > t:
+      raise CheckpointError(f"crop cannot make {t} audio time positions into "
+                            f"{time_patches}; use interpolate")
+    return table[:time_patches]
+  if how != "interpolate":
+    raise ValueError(f"audio position fit must be one of {AUDIO_POSITION_FITS}, got {how!r}")
+  resized = jax.image.resize(jnp.asarray(table, jnp.float32),
+                             (time_patches,) + table.shape[1:], "linear", antialias=False)
+  return np.asarray(resized).astype(table.dtype)
+
+
 class AVModel(nn.Module):
   """The base of every model: shared fields, and the interface (module docstring).
 
@@ -197,6 +222,11 @@ class AVModel(nn.Module):
 
   kind: ClassVar[str] = ""
   is_classifier: ClassVar[bool] = False
+  # The audio position tables (top-level parameter names), the rows before their grid (a
+  # cls row) and the grid axis that is time: what `fit_audio_positions` resizes.
+  audio_position_tables: ClassVar[tuple[str, ...]] = ()
+  position_cls_rows: ClassVar[int] = 0
+  audio_time_axis: ClassVar[int] = 0
   metric_names: ClassVar[tuple[str, ...]] = ()
   # Width/depth/head presets, e.g. {"base": {...}, "tiny": {...}} (see `size_fields`).
   sizes: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
@@ -240,6 +270,34 @@ class AVModel(nn.Module):
   def init_rules(self) -> InitRules:
     """Pretraining models take a checkpoint of their own architecture, every tensor."""
     return InitRules()
+
+  def fit_audio_positions(self, loaded: Mapping[str, Any], how: str) -> dict[str, Any]:
+    """`loaded` ({path: array}) with its audio position tables made to fit this model's
+    audio_length (`fit_time_axis`: "crop" or "interpolate"), e.g. to fine-tune a model
+    pretrained on 1,024 frames (10.24 s) at 256 frames on short clips; what
+    `config.init_audio_pos` asks of `config.init_from`. Other tables are left as they are.
+    """
+    out = dict(loaded)
+    freq = self.num_mel_bins // self.patch_size
+    want = self.audio_length // self.patch_size
+    for name in self.audio_position_tables:
+      if name not in loaded:
+        continue
+      table = np.asarray(loaded[name])
+      cls, grid = table[:, :self.position_cls_rows], table[:, self.position_cls_rows:]
+      if grid.shape[1] % freq:
+        raise CheckpointError(f"{name}: {grid.shape[1]} positions are not a grid of {freq} "
+                              "frequency rows")
+      have = grid.shape[1] // freq
+      if have == want:
+        continue
+      rows = (have, freq) if self.audio_time_axis == 0 else (freq, have)
+      grid = grid.reshape(grid.shape[0], *rows, grid.shape[-1])
+      # Time first, then back: fit_time_axis works along axis 0.
+      grid = np.moveaxis(grid, 1 + self.audio_time_axis, 0)
+      grid = np.moveaxis(fit_time_axis(grid, want, how), 0, 1 + self.audio_time_axis)
+      out[name] = np.concatenate([cls, grid.reshape(grid.shape[0], -1, grid.shape[-1])], 1)
+    return out
 
   def forward_flops(self, mode: str = "multimodal") -> float:
     raise NotImplementedError

@@ -71,6 +71,11 @@ class MAViLEncoder(common.AVModel):
   fusion_depth: int = 2
   norm_eps: float = 1e-6  # timm's ViT
 
+  # Tables [1, 1 + T * F, D]: a cls row, then time-major (audio_grid); the decoder's too.
+  audio_position_tables = ("pos_embed", "decoder_pos_embed")
+  position_cls_rows = 1
+  audio_time_axis = 0
+
   sizes = SIZES
 
   @property

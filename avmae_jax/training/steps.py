@@ -151,9 +151,24 @@ class Trainer:
     """The state with the parameters `path` gives under the model's `init_rules`: a model
     directory, a training workdir (its latest checkpoint) or a reference `.pth`. Returns
     (state, report of the parameters "loaded", "dropped" and freshly "initialised")."""
-    params, report = models.merge_params(
-        jax.device_get(self.native_params(state.params)), model_dir.read_flat_params(path),
-        self.module.init_rules(), source=f"config.init_from={path}")
+    loaded = model_dir.read_flat_params(path)
+    fit = self.config.get("init_audio_pos", "")
+    if fit:
+      if fit not in models.AUDIO_POSITION_FITS:
+        raise ValueError(f"config.init_audio_pos must be one of {models.AUDIO_POSITION_FITS} "
+                         f"or empty, got {fit!r}")
+      loaded = self.module.fit_audio_positions(loaded, fit)
+    try:
+      params, report = models.merge_params(
+          jax.device_get(self.native_params(state.params)), loaded,
+          self.module.init_rules(), source=f"config.init_from={path}")
+    except models.CheckpointError as e:
+      if fit or not any(n in str(e) for n in self.module.audio_position_tables):
+        raise
+      raise models.CheckpointError(
+          f"{e}. The checkpoint's audio position tables are for another audio length than "
+          f"model.audio_length={self.module.audio_length}: set config.init_audio_pos to "
+          f"crop or interpolate to fit them") from e
     params = jax.device_put(params, self.checkpoint_shardings.params)
     return state.replace(params=self.stack_params(params)), report
 

@@ -199,3 +199,19 @@ def test_embed_gives_extract_features_windows_long_clips_and_skips_bad_files(
   frames = np.zeros((len(windows), 112, 112, 3), np.float32)
   want = model.features(norm, frames, pooled=True)["audio"].mean(0)
   np.testing.assert_allclose(o["audio"][got["long20s"]], want, rtol=1e-4, atol=1e-5)
+
+  # The API gives the command's arrays, with the model's own defaults (no config: the
+  # demo's normalisation is the family default, its audio length and frame size the model's).
+  api_out = model.embed([str(other)])
+  assert [os.path.basename(f["path"]) for f in api_out["failed"]] == [
+      os.path.basename(f["path"]) for f in index["failed"]]
+  assert list(api_out["clip_id"]) == list(o["clip_id"])
+  np.testing.assert_allclose(api_out["audio"], o["audio"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.isnan(api_out["video"]), np.isnan(o["video"]))
+  np.testing.assert_allclose(api_out["video"], o["video"], rtol=1e-6, atol=1e-6)
+  # A waveform, without a file or TensorFlow: the wav's embedding.
+  np.testing.assert_allclose(model.embed_waveform(wave, 16000), o["audio"][got["speech"]],
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="must be mono"):
+    model.embed_waveform(np.stack([wave, wave], 1), 16000)
+

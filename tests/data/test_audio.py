@@ -173,3 +173,17 @@ def test_load_audio_channels_rates_and_errors(tmp_path):
   bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
   with pytest.raises(audio.AudioError, match="bad.mp4"):
     audio.load_audio(bad)
+
+
+def test_resample_an_array_to_16k():
+  # A 440 Hz tone at 44.1 kHz and 8 kHz comes out as the same tone sampled at 16 kHz (the
+  # analytic signal; edges skipped, where the filter has no past or future).
+  tone = lambda rate, n: np.sin(2 * np.pi * 440 * np.arange(n) / rate).astype(np.float32)
+  for rate in (44100, 8000):
+    got = audio.resample(tone(rate, rate), rate)
+    assert got.dtype == np.float32 and abs(len(got) - 16000) <= 1, (rate, len(got))
+    np.testing.assert_allclose(got[200:15800], tone(16000, 16000)[200:15800], atol=2e-3)
+  same = tone(16000, 1600)
+  np.testing.assert_array_equal(audio.resample(same, 16000), same)
+  with pytest.raises(audio.AudioError, match="sample_rate must be a positive int"):
+    audio.resample(same, 0)

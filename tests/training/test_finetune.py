@@ -232,6 +232,68 @@ def test_init_from_a_checkpoint_that_does_not_fit_names_the_problem(tmp_path):
       trainer.init_from(state, str(tmp_path))
 
 
+def _linear_resample(table, n):
+  """float64 numpy reference: half-pixel linear resampling of axis 0 (torch's bilinear)."""
+  t = table.shape[0]
+  x = np.clip((np.arange(n) + 0.5) * t / n - 0.5, 0, t - 1)
+  lo = np.floor(x).astype(int)
+  hi = np.minimum(lo + 1, t - 1)
+  w = (x - lo).reshape((-1,) + (1,) * (table.ndim - 1))
+  return (1 - w) * table[lo].astype(np.float64) + w * table[hi].astype(np.float64)
+
+
+def test_init_audio_pos_fits_a_longer_checkpoints_audio_positions(tmp_path):
+  # A model pretrained on 512 frames (8 x 32 audio patches) fine-tuned at 256 (8 x 16).
+  torch = pytest.importorskip("torch")
+  from avmae_jax import torch_port  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  wide = dict(_pretrain_module_fields(), audio_length=2 * AUDIO)
+  sd = {k: v.numpy() for k, v in torch_port.CAVMAE(**wide).state_dict().items()}
+  trained = np.random.default_rng(0).standard_normal(sd["pos_embed_a"].shape)
+  sd["pos_embed_a"] = trained.astype(np.float32)  # as if learned: not a sin-cos table
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, str(tmp_path / "wide.pth"))
+  grid = trained[0].reshape(8, 2 * AUDIO // 16, -1)  # frequency rows x time columns
+  want = {"crop": grid[:, :AUDIO // 16],
+          "interpolate": np.swapaxes(_linear_resample(np.swapaxes(grid, 0, 1), AUDIO // 16),
+                                     0, 1)}
+  for how in ("crop", "interpolate"):
+    trainer, mesh = make_trainer(ft_config(init_audio_pos=how))
+    with jax.set_mesh(mesh):
+      state, _ = trainer.init_from(trainer.init(), str(tmp_path / "wide.pth"))
+    got = flat(trainer.native_params(state.params))
+    np.testing.assert_allclose(got["pos_embed_a"][0].reshape(8, AUDIO // 16, -1), want[how],
+                               rtol=1e-6, atol=1e-6, err_msg=how)
+    np.testing.assert_array_equal(got["pos_embed_v"], sd["pos_embed_v"])
+    np.testing.assert_array_equal(got["blocks_a.0.attn.qkv.weight"],
+                                  sd["blocks_a.0.attn.qkv.weight"])
+  with pytest.raises(interop.CheckpointError, match=r"set config.init_audio_pos to crop"):
+    trainer, mesh = make_trainer(ft_config())
+    with jax.set_mesh(mesh):
+      trainer.init_from(trainer.init(), str(tmp_path / "wide.pth"))
+  with pytest.raises(ValueError, match=r"config.init_audio_pos must be one of"):
+    trainer, mesh = make_trainer(ft_config(init_audio_pos="stretch"))
+    with jax.set_mesh(mesh):
+      trainer.init_from(trainer.init(), str(tmp_path / "wide.pth"))
+
+
+@pytest.mark.parametrize("kind", ["cav_mae", "mavil"])
+def test_cropping_fixed_audio_positions_gives_the_shorter_models_tables(kind):
+  # Sin-cos tables depend on integer grid positions only, so the first 16 time positions of
+  # the 1,024-frame tables are the 256-frame model's tables (cls row included for MAViL).
+  fields = dict(models.size_fields("tiny", kind), kind=kind, img_size=IMAGE)
+  long_params = models.init_params(models.build(dict(fields, audio_length=1024)))
+  short = models.build(dict(fields, audio_length=AUDIO))
+  short_params = models.init_params(short)
+  loaded = {k: np.asarray(v) for k, v in models.common.flat_params(long_params).items()}
+  fitted = short.fit_audio_positions(loaded, "crop")
+  for name in short.audio_position_tables:
+    np.testing.assert_array_equal(fitted[name], np.asarray(short_params[name]), err_msg=name)
+  assert fitted[short.audio_position_tables[0]].shape != loaded[
+      short.audio_position_tables[0]].shape
+  with pytest.raises(models.CheckpointError, match="use interpolate"):
+    models.build(dict(fields, audio_length=2048)).fit_audio_positions(loaded, "crop")
+
+
 def test_init_from_a_finetuned_pth_keeps_or_replaces_the_head(tmp_path):
   torch = pytest.importorskip("torch")
   from avmae_jax import torch_port  # pylint: disable=import-outside-toplevel
