@@ -109,6 +109,9 @@ def pretraining_sections(config: ml_collections.ConfigDict, data: str, data_dir:
   config.eval_data.split = eval_split
 
 
+_NOTED = set()
+
+
 def use_prepared_videos(config: ml_collections.ConfigDict, data_dir: str,
                         mode: str = 'cav_mae') -> prepared.PreparedDataset:
   """Points config.data and config.eval_data at the clips `prepare videos` wrote under data_dir.
@@ -124,7 +127,9 @@ def use_prepared_videos(config: ml_collections.ConfigDict, data_dir: str,
     section.name, section.data_dir = '', ''
     section.builder_dir = dataset.builder_dir
     section.split = split
-  print(f'avmae_jax: {dataset.builder_dir}: {note}', file=sys.stderr)
+  if dataset.builder_dir not in _NOTED:  # a config built from another says it once
+    _NOTED.add(dataset.builder_dir)
+    print(f'avmae_jax: {dataset.builder_dir}: {note}', file=sys.stderr)
   return dataset
 
 

@@ -113,6 +113,15 @@ def _prepared_dirs(root: str) -> list[str]:
   return out
 
 
+def _candidates(root: str, name: str, config_ok, preferred: str) -> list[str]:
+  """Prepared directories of dataset `name` under root whose config passes `config_ok`:
+  config `preferred` first (cavmae before cavmae_downmix), then the newest version."""
+  found = [p for p in _prepared_dirs(root) if os.path.relpath(p, root).split(os.sep)[0] == name
+           and config_ok(os.path.basename(os.path.dirname(p)))]
+  return sorted(found, key=lambda p: (os.path.basename(os.path.dirname(p)) != preferred,
+                                      tuple(-v for v in _version_key(p))))
+
+
 def _what_is_there(root: str) -> str:
   if not os.path.exists(root):
     return "the directory does not exist"
@@ -149,12 +158,8 @@ def find(data_dir: str, name: str = "avmae_videos", frames: str = "cavmae",
           f"{field}={data_dir}: prepared with --frames {found.config}, this model trains on "
           f"--frames {frames} (prepare the clips again with --frames {frames})")
     return found
-  ours = [p for p in _prepared_dirs(root) if os.path.relpath(p, root).split(os.sep)[0] == name]
-  matching = [p for p in ours if os.path.basename(os.path.dirname(p)).split("_")[0] == frames]
+  matching = _candidates(root, name, lambda config: config.split("_")[0] == frames, frames)
   if matching:
-    # The plain config (cavmae) before its variants (cavmae_downmix), then the newest version.
-    matching.sort(key=lambda p: (os.path.basename(os.path.dirname(p)) != frames,
-                                 tuple(-v for v in _version_key(p))))
     return read(matching[0])
   fps = " --frames fps2" if frames == "fps2" else ""
   raise PreparedDatasetError(
@@ -168,12 +173,6 @@ def find_builder_dir(data_dir: str, name: str) -> Optional[str]:
   """`name` ("avmae_videos" or "avmae_audioset/fps2") prepared under data_dir, or None."""
   root = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets"))
   base, _, config = name.partition("/")
-  candidates = [p for p in _prepared_dirs(root)
-                if os.path.relpath(p, root).split(os.sep)[0] == base
-                and (not config or os.path.basename(os.path.dirname(p)) == config)]
-  if not candidates:
-    return None
   # Without a config in the name, TFDS's default config (the first: cavmae) as tfds.builder.
-  candidates.sort(key=lambda p: (os.path.basename(os.path.dirname(p)) != "cavmae",
-                                 tuple(-v for v in _version_key(p))))
-  return candidates[0]
+  candidates = _candidates(root, base, lambda c: not config or c == config, "cavmae")
+  return candidates[0] if candidates else None
