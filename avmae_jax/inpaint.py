@@ -6,7 +6,9 @@ r"""Inpainting pictures: what a pretrained CAV-MAE reconstructs of masked frames
 For the first --num clips of the config's eval_data split (frame 5, no augmentation) it
 writes two PNGs per clip, each with three panels, original | masked | reconstruction:
   DIR/clipNNN_<id>_frame.png         the video frame, panels side by side
-  DIR/clipNNN_<id>_spectrogram.png   the log-mel (time across, frequency up), panels stacked
+  DIR/clipNNN_<id>_spectrogram.png   the log-mel, panels stacked, drawn as spectrograms are
+                                     read: time across in seconds (10 ms frames), mel bin 0
+                                     (low frequencies) at the bottom (avmae_jax/plots.py)
 and DIR/inpaint.json with the masked-patch MSE of each clip.
 
 Procedure (cav-mae spec section 7): the pretraining forward pass with both masks at
@@ -14,8 +16,9 @@ Procedure (cav-mae spec section 7): the pretraining forward pass with both masks
 layout (frames 3 x 14 x 14 patches of 16x16, audio 1 x 8 x 64: frequency x time), and the
 visible patches pasted back from the input, so only the removed ones are predicted.
 Frames are shown after undoing the ImageNet normalisation, removed patches grey in the
-masked panel; spectrograms on one grey scale per clip (the original's range), removed
-patches blue.
+masked panel; spectrograms on one grey scale per clip (the original's range, black low),
+removed patches blue. `render_frame` gives a PIL image with the frame's pixels as they are;
+`render_spectrogram` a matplotlib figure with axes.
 
 Meant for models trained WITHOUT norm_pix_loss: with it, the decoder predicts each patch
 standardised by its own mean and variance, which cannot be shown on the input's scale
@@ -38,6 +41,7 @@ import numpy as np
 
 from avmae_jax import api
 from avmae_jax import cli
+from avmae_jax import plots
 from avmae_jax.evaluators import common as eval_common
 
 # Removed patches in the masked panels: grey on frames (the MAE papers' convention),
@@ -126,20 +130,17 @@ def _patch_mask_image(mask: np.ndarray, grid: tuple[int, int], patch: int) -> np
   return np.kron(mask.reshape(grid), np.ones((patch, patch))) > 0.5
 
 
-def _labelled_strip(panels: list[np.ndarray], labels: list[str], vertical: bool):
+def _labelled_strip(panels: list[np.ndarray], labels: list[str]):
+  """Panels side by side, each under its label -> a PIL image."""
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
   h, w = panels[0].shape[:2]
   n = len(panels)
-  if vertical:
-    size = (w, n * (h + LABEL_HEIGHT) + (n - 1) * GAP)
-  else:
-    size = (n * w + (n - 1) * GAP, h + LABEL_HEIGHT)
-  canvas = Image.new("RGB", size, (255, 255, 255))
+  canvas = Image.new("RGB", (n * w + (n - 1) * GAP, h + LABEL_HEIGHT), (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
   for i, (panel, label) in enumerate(zip(panels, labels)):
-    x, y = (0, i * (h + LABEL_HEIGHT + GAP)) if vertical else (i * (w + GAP), 0)
-    draw.text((x + 2, y + 1), label, fill=(0, 0, 0))
-    canvas.paste(Image.fromarray(panel), (x, y + LABEL_HEIGHT))
+    x = i * (w + GAP)
+    draw.text((x + 2, 1), label, fill=(0, 0, 0))
+    canvas.paste(Image.fromarray(panel), (x, LABEL_HEIGHT))
   return canvas
 
 
@@ -149,21 +150,30 @@ def render_frame(original, masked, recon, mask_v, grid, patch, mask_ratio):
   pixels = _patch_mask_image(mask_v, grid, patch)
   panels = [_to_uint8(x * std + mean) for x in (original, masked, recon)]
   panels[1][pixels] = FRAME_MASK_COLOUR
-  return _labelled_strip(panels, ["original", f"masked {mask_ratio:.0%}", "reconstruction"],
-                         vertical=False)
+  return _labelled_strip(panels, ["original", f"masked {mask_ratio:.0%}", "reconstruction"])
 
 
-def render_spectrogram(original, masked, recon, mask_a, grid, patch, mask_ratio):
-  """One clip's spectrogram panels ([F, T], frequency first) -> a PIL image with time
-  across and low frequencies at the bottom, on the original's grey scale."""
+def render_spectrogram(original, masked, recon, mask_a, grid, patch, mask_ratio,
+                       frame_shift_s: float = plots.FRAME_SHIFT_S):
+  """One clip's spectrogram panels ([F, T], frequency first, as `reconstruct` returns them)
+  -> a matplotlib Figure of three stacked spectrograms, original | masked | reconstruction,
+  time across in seconds and low frequencies at the bottom, on the original's grey scale
+  with the removed patches blue in the masked one. Save it with `plots.figure_png`."""
   low, high = float(original.min()), float(original.max())
-  scale = lambda x: np.repeat(_to_uint8((x - low) / max(high - low, 1e-6))[..., None], 3, -1)
-  pixels = _patch_mask_image(mask_a, grid, patch)
-  panels = [scale(x) for x in (original, masked, recon)]
-  panels[1][pixels] = SPECTROGRAM_MASK_COLOUR
-  panels = [np.ascontiguousarray(x[::-1]) for x in panels]  # frequency upwards
-  return _labelled_strip(panels, ["original", f"masked {mask_ratio:.0%}", "reconstruction"],
-                         vertical=True)
+  num_frames = original.shape[1]
+  removed = _patch_mask_image(mask_a, grid, patch).T  # [T, F], as drawn
+  # wider for longer clips (1024 frames: 12 in), so a patch stays a few pixels wide
+  width = min(12.0, max(6.0, 2.0 + num_frames / 100))
+  fig, axes = plots.new_figure(width, 6.0, nrows=3, ncols=1, sharex=True)
+  titles = ["original", f"masked {mask_ratio:.0%}", "reconstruction"]
+  for ax, x, title, mask in zip(axes, (original, masked, recon), titles,
+                                (None, removed, None)):
+    plots.draw_spectrogram(ax, np.asarray(x).T, frame_shift_s, title=title, vmin=low,
+                           vmax=max(high, low + 1e-6), cmap="gray", mask=mask,
+                           mask_colour=SPECTROGRAM_MASK_COLOUR)
+  for ax in axes[:-1]:
+    ax.set_xlabel("")
+  return fig
 
 
 def _safe_name(clip_id: Any) -> str:
@@ -202,9 +212,11 @@ def write_pictures(model: api.LoadedModel, batches: Iterable[Mapping[str, Any]],
       render_frame(r["frames"][j], r["frames_masked"][j], r["frames_recon"][j],
                    r["mask_v"][j], module.video_grid, module.patch_size, mask_ratio
                    ).save(os.path.join(out, frame_png))
-      render_spectrogram(r["audio"][j], r["audio_masked"][j], r["audio_recon"][j],
-                         r["mask_a"][j], module.audio_grid, module.patch_size, mask_ratio
-                         ).save(os.path.join(out, spec_png))
+      figure = render_spectrogram(r["audio"][j], r["audio_masked"][j], r["audio_recon"][j],
+                                  r["mask_a"][j], module.audio_grid, module.patch_size,
+                                  mask_ratio)
+      with open(os.path.join(out, spec_png), "wb") as f:
+        f.write(plots.figure_png(figure))
       records.append({"frame": frame_png, "spectrogram": spec_png,
                       "mse_masked_audio": float(r["mse_a"][j]),
                       "mse_masked_frame": float(r["mse_v"][j])})

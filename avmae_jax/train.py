@@ -18,8 +18,8 @@ the teacher's run has gone on (a different config.teacher is then an error).
 Sections below: distributed runtime and mesh; input; model, optimizer and sharded state;
 checkpoint (restore or init); the loop (update, weight averaging, metrics, checkpoints,
 preemption, evaluation); the end of a fine-tuning run. The workdir holds checkpoints/
-(orbax: train state + input-iterator state), metrics.jsonl, tensorboard/ and model.json
-(the model config of the run). Compiled programs go to JAX's persistent compilation cache
+(orbax: train state + input-iterator state), metrics.jsonl, tensorboard/, model.json
+(the model config of the run) and config.json (the whole run config, as last started). Compiled programs go to JAX's persistent compilation cache
 (config.compilation_cache_dir, training/compile_cache.py), so a restart does not compile
 again.
 
@@ -150,6 +150,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter=None,
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     model_dir.write_model_config(workdir, models.model_config(task.module))
+    model_dir.write_run_config(workdir, config)
   with jax.set_mesh(mesh):
     aux = task.load_aux(trainer.aux_shardings, workdir)  # {} unless the task has one
 

@@ -6,6 +6,7 @@ Two layouts are model directories (`avmae_jax.load`, `config.init_from`, evaluat
     DIR/params/      orbax StandardCheckpointer checkpoint of the parameter pytree
   training workdir (what `python -m avmae_jax.train` writes):
     DIR/model.json
+    DIR/config.json  the whole run config (what `report` shows and inpaints from)
     DIR/checkpoints/<step>/state/   orbax checkpoint of TrainState(step, params, opt_state)
     DIR/checkpoints/<step>/data/    input-iterator state (not read here)
   From a workdir the parameters of the latest (or a chosen) step are read alone: an orbax
@@ -37,6 +38,7 @@ PARAMS_DIR = "params"
 TRAIN_CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE_ITEM = "state"
 TRAIN_ITEM_NAMES = ("state", "data")
+RUN_CONFIG_JSON = "config.json"
 
 
 def _json_default(value):
@@ -64,6 +66,21 @@ def write_model_config(directory: str, model_config: dict[str, Any]) -> None:
   """Writes DIR/model.json, the record of which model a directory's parameters belong to."""
   with open(os.path.join(directory, MODEL_JSON), "w") as f:
     json.dump({"format": FORMAT, "model": model_config}, f, indent=2, default=_json_default)
+
+
+def write_run_config(workdir: str, config: Any) -> None:
+  """Writes WORKDIR/config.json, the run's whole config (an ml_collections ConfigDict)."""
+  with open(os.path.join(workdir, RUN_CONFIG_JSON), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_run_config(workdir: str) -> Optional[dict[str, Any]]:
+  """The run config a training workdir records, or None (a workdir of an older version)."""
+  path = os.path.join(workdir, RUN_CONFIG_JSON)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def is_model_dir(path: str) -> bool:

@@ -110,11 +110,48 @@ def test_pictures_hold_the_three_panels(pretrained, tmp_path):
   np.testing.assert_array_equal(panels[2][~painted], want[~painted])
   assert np.abs(panels[2][painted].astype(int) - want[painted]).mean() > 5
 
+  # the spectrogram: a figure with axes (its orientation is the next test's)
   spec = np.asarray(Image.open(tmp_path / records[0]["spectrogram"]).convert("RGB"))
-  assert spec.shape == (3 * (label + 128) + 2 * gap, T, 3)
-  masked = spec[2 * label + 128 + gap:2 * (label + 128) + gap]
-  blue = np.all(masked == inpaint.SPECTROGRAM_MASK_COLOUR, axis=-1)
-  assert blue.mean() == pytest.approx(0.75)
+  assert spec.shape == (600, 600, 3)  # 6 x 6 in at 100 dpi for 2.56 s
+  blue = np.all(spec == inpaint.SPECTROGRAM_MASK_COLOUR, axis=-1)
+  assert 0.1 < blue.mean() < 0.3  # 3/4 of one of three panels
+
+
+def test_spectrogram_picture_has_time_across_and_low_frequencies_at_the_bottom():
+  from avmae_jax import plots  # pylint: disable=import-outside-toplevel
+  num_bins, num_frames = 128, 256
+  # [F, T] as `reconstruct` gives it: energy only in the lowest 32 bins (1/4) of the first
+  # 128 frames (1/2): a transposed drawing puts it elsewhere
+  original = np.full((num_bins, num_frames), -1.0, np.float32)
+  original[:32, :128] = 1.0
+  # removed: the patches of the lowest 16 bins over the first 4 x 16 frames
+  mask = np.zeros((8, 16), np.float32)
+  mask[0, :4] = 1.0
+  fig = inpaint.render_spectrogram(original, np.where(np.kron(mask, np.ones((P, P))) > 0.5, 0,
+                                                      original), original, mask.ravel(),
+                                   (8, 16), P, 0.75)
+  axes = fig.axes
+  assert [ax.get_title() for ax in axes] == ["original", "masked 75%", "reconstruction"]
+  np.testing.assert_allclose(axes[0].get_xlim(), (0.0, 2.56))  # seconds, 10 ms frames
+  assert axes[2].get_xlabel() == "time (s)" and axes[0].get_ylabel() == "mel bin"
+
+  def inside(image, rows, cols, margin=3):
+    """image's pixels in the fractions `rows` (from the top) x `cols`, `margin` px inside."""
+    h, w = image.shape[:2]
+    return image[int(rows[0] * h) + margin:int(rows[1] * h) - margin,
+                 int(cols[0] * w) + margin:int(cols[1] * w) - margin]
+
+  bright = plots.axes_pixels(fig, axes[0]).mean(-1) > 128  # top row of the image first
+  # white in the bottom quarter of the rows and the left half of the columns, else black
+  assert inside(bright, (3 / 4, 1), (0, 1 / 2)).all()
+  assert not inside(bright, (0, 3 / 4), (0, 1)).any()
+  assert not inside(bright, (0, 1), (1 / 2, 1)).any()
+
+  blue = np.all(plots.axes_pixels(fig, axes[1]) == inpaint.SPECTROGRAM_MASK_COLOUR, -1)
+  assert inside(blue, (7 / 8, 1), (0, 1 / 4)).all()  # the lowest bins at the bottom, early
+  assert not inside(blue, (0, 7 / 8), (0, 1)).any()
+  assert not inside(blue, (0, 1), (1 / 4, 1)).any()
+  assert blue.mean() == pytest.approx(1 / 32, abs=0.005)
 
 
 def test_inpaint_refuses_a_finetuned_model_and_warns_on_norm_pix_loss(pretrained, tmp_path):
