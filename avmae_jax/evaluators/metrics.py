@@ -3,12 +3,16 @@
 Retrieval follows the reference protocol (cav-mae spec section 7): mean-pooled
 forward_feat tokens, l2-normalised, cosine similarity; audio->video ranks every video
 for each audio query, video->audio the reverse; the rank of the true pair decides.
+`retrieval_metrics` computes it with `search.retrieval_metrics` (float32 on the device, in
+blocks, never an N x N matrix); `ranks_of_true_pairs` is the same count on a full matrix.
 
 Classification follows the reference's `calculate_stats` (spec section 6): mAP, mAUC,
 d-prime and accuracy; scikit-learn and scipy are imported only when those are asked for.
 """
 
 import numpy as np
+
+from avmae_jax.evaluators import search
 
 
 def ranks_of_true_pairs(similarity: np.ndarray) -> np.ndarray:
@@ -18,22 +22,14 @@ def ranks_of_true_pairs(similarity: np.ndarray) -> np.ndarray:
   return (similarity > true).sum(axis=1)
 
 
-def retrieval_metrics(audio: np.ndarray, video: np.ndarray, ks=(1, 5, 10)) -> dict:
-  """R@K (percent) and median rank (1-based) in both directions, from [N, D] vectors."""
-  audio, video = np.asarray(audio, np.float64), np.asarray(video, np.float64)
-  if audio.shape != video.shape or audio.ndim != 2:
-    raise ValueError(f"need paired [N, D] audio and video vectors, got {audio.shape} and "
-                     f"{video.shape}")
-  audio = audio / np.maximum(np.linalg.norm(audio, axis=1, keepdims=True), 1e-12)
-  video = video / np.maximum(np.linalg.norm(video, axis=1, keepdims=True), 1e-12)
-  sim = audio @ video.T
-  out = {"num_clips": int(len(audio))}
-  for name, s in (("a2v", sim), ("v2a", sim.T)):
-    ranks = ranks_of_true_pairs(s)
-    for k in ks:
-      out[f"{name}_r{k}"] = float(100.0 * np.mean(ranks < k))
-    out[f"{name}_median_rank"] = float(np.median(ranks) + 1)
-  return out
+def retrieval_metrics(audio: np.ndarray, video: np.ndarray, ks=(1, 5, 10), chunk: int = 4096,
+                      mesh=None) -> dict:
+  """R@K (percent) and median rank (1-based) in both directions, from paired [N, D] vectors.
+
+  num_clips, a2v_r<k> and v2a_r<k> for k in ks, a2v_median_rank, v2a_median_rank. chunk and
+  mesh: see `search.top_k` (the figures do not depend on them).
+  """
+  return search.retrieval_metrics(audio, video, ks, chunk=chunk, mesh=mesh)
 
 
 def chance_recall(num_clips: int, k: int = 1) -> float:

@@ -17,6 +17,7 @@ import numpy as np
 from avmae_jax.evaluators import common
 from avmae_jax.evaluators import metrics
 from avmae_jax.models.common import AVModel
+from avmae_jax.parallel import mesh as mesh_lib
 
 # fn(params, batch, key, aux) -> {name: batch scalar}
 Scalars = Callable[[Any, Mapping[str, jax.Array], jax.Array, Any], Mapping[str, jax.Array]]
@@ -78,5 +79,8 @@ class Retrieval:
     """eval_<scalar> means, then R@K (percent), median ranks and num_clips."""
     audio, video, scalars = self.features(params, batches, aux)
     results = {f"eval_{name}": value for name, value in scalars.items()}
-    results.update(metrics.retrieval_metrics(audio, video))
+    # Every host holds every clip's vectors, so each searches them on its own devices
+    # (no collective across hosts); the figures are the same on all of them.
+    local = mesh_lib.make_mesh({"data": -1}, jax.local_devices())
+    results.update(metrics.retrieval_metrics(audio, video, mesh=local))
     return results
