@@ -304,9 +304,10 @@ def main(argv):
     if jax.process_count() > 1:
       raise EmbedError("embed runs in one process; use extract on a prepared dataset")
     model, where = cli.load_model(f.checkpoint, f.step)
+    from avmae_jax import extract  # pylint: disable=import-outside-toplevel
+    meta = extract.index_meta(where, f.checkpoint, f.step, data_config(model, f.config))
     index = embed(model, f.config, paths, f.out, not (f.tokens or f.pooled is False),
-                  f.shard_size, f.dtype, f.batch_size, f.progress, f.windows,
-                  meta={"model": where})
+                  f.shard_size, f.dtype, f.batch_size, f.progress, f.windows, meta=meta)
   print(f"{index['num_clips']} file(s) embedded by {index['model']} into {f.out}; "
         f"{len(index['failed'])} skipped")
   return 1 if index["failed"] else 0

@@ -21,6 +21,7 @@ is dropped, so every clip appears exactly once. The arrays load with plain `np.l
 
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Optional
 
 from absl import app
@@ -73,6 +74,45 @@ class ShardWriter:
   def close(self) -> None:
     if self.buffered:
       self._write(self.buffered)
+
+
+def index_meta(where: str, checkpoint_path: str, step: Optional[int],
+               eval_data: ml_collections.ConfigDict, **more) -> dict[str, Any]:
+  """What an index.json records of its model and inputs, so that `retrieve` can embed new
+  queries the same way and find the clips' pictures: the description, the checkpoint's
+  absolute path and step, and the input section used (eval_data)."""
+  return {"model": where, "checkpoint": os.path.abspath(os.path.expanduser(checkpoint_path)),
+          "step": step, "eval_data": eval_data.to_dict(), **more}
+
+
+def read_index(directory: str) -> dict[str, Any]:
+  """The shards of an `extract` or `embed` output directory, concatenated in order.
+
+  Returns {"meta": the index.json (of host 0 where several hosts wrote), "audio", "video",
+  "clip_id" and whatever else the shards hold (labels, path, windows, has_video)}. Raises
+  ExtractError naming the directory when it holds no index.
+  """
+  names = sorted(f for f in (os.listdir(directory) if os.path.isdir(directory) else [])
+                 if re.fullmatch(r"index(-h\d{3})?\.json", f))
+  if not names:
+    raise ExtractError(f"{directory}: no index.json (not an extract or embed output "
+                       "directory)")
+  metas, parts = [], []
+  for name in names:
+    with open(os.path.join(directory, name)) as f:
+      metas.append(json.load(f))
+    for shard in metas[-1]["shards"]:
+      path = os.path.join(directory, shard["file"])
+      if not os.path.isfile(path):
+        raise ExtractError(f"{directory}: shard {shard['file']} listed in {name} is missing")
+      with np.load(path) as z:
+        parts.append({k: z[k] for k in z.files})
+  if not parts:
+    raise ExtractError(f"{directory}: the index lists no shards")
+  keys = set(parts[0])
+  out = {k: np.concatenate([p[k] for p in parts]) for k in keys if all(k in p for p in parts)}
+  out["meta"] = metas[0]
+  return out
 
 
 def extract(model: api.LoadedModel, batches: Iterable[Mapping[str, Any]], out: str,
@@ -137,7 +177,8 @@ def run(config: ml_collections.ConfigDict, checkpoint_path: str, out: str,
   iterator = cli.input_iterator(config, "eval_data")
   host = jax.process_index() if jax.process_count() > 1 else None
   index = extract(model, iterator, out, pooled, shard_size, dtype, host,
-                  meta={"model": where, "split": config.eval_data.split})
+                  meta=index_meta(where, checkpoint_path, step, config.eval_data,
+                                  split=config.eval_data.split))
   if index["num_clips"] != iterator.num_examples:  # every clip of this host's shard once
     raise ExtractError(f"wrote {index['num_clips']} clips, the split holds "
                        f"{iterator.num_examples} on this host")

@@ -629,7 +629,47 @@ def create_iterator(config, dataset: Optional[tf.data.Dataset] = None, *,
                        process_count=process_count)
 
 
+def lookup_clips(config, clip_ids) -> dict[str, dict[str, Any]]:
+  """The stored log-mel and middle frame of some clips of a prepared split, for pictures.
+
+  One pass over the split named by the `config.data`-style section (name + data_dir or
+  builder_dir, split), decoding only the clips asked for. Returns {clip_id: {"fbank":
+  float32 [T, F] (un-normalised, as stored), "frame": JPEG bytes of the middle stored
+  frame, "path": the source path}}; ids the split does not hold are left out.
+  """
+  wanted = sorted({str(i) for i in clip_ids})
+  if not wanted:
+    return {}
+  source = _make_source(config, None, 0, 1)
+  if not isinstance(source, _TfdsSource):
+    raise ValueError('lookup_clips reads prepared TFDS datasets')
+  features = source._features  # pylint: disable=protected-access
+  decoders = {schema.FRAMES: tfds.decode.SkipDecoding(),
+              schema.FBANK: tfds.decode.SkipDecoding()}
+  ids = tf.constant(wanted)
+
+  def parse(record):
+    e = features.deserialize_example(record, decoders=decoders)
+    return {k: e[k] for k in (schema.CLIP_ID, schema.FBANK, schema.FRAMES)
+            if k in e} | {schema.PATH: e.get(schema.PATH, tf.constant(''))}
+
+  found = {}
+  records = source.records().map(parse).filter(
+      lambda e: tf.reduce_any(tf.equal(e[schema.CLIP_ID], ids)))
+  for e in records.as_numpy_iterator():
+    clip = e[schema.CLIP_ID].decode('utf-8', 'replace')
+    frames = e[schema.FRAMES]
+    found[clip] = {
+        'fbank': np.asarray(source.decode_fbank(e[schema.FBANK]), np.float32),
+        'frame': bytes(frames[len(frames) // 2]) if len(frames) else None,
+        'path': e[schema.PATH].decode('utf-8', 'replace')}
+    if len(found) == len(wanted):
+      break
+  return found
+
+
 __all__ = [
     'InputIterator', 'balanced_weights', 'create_iterator', 'default_data_config',
+    'lookup_clips',
     'validate_config',
 ]

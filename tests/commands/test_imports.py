@@ -18,7 +18,8 @@ SEQUENCE = """
 import importlib, sys
 for module in sys.argv[1:]:
   importlib.import_module(module)
-  heavy = sorted(m for m in ("tensorflow", "torch", "tensorflow_datasets") if m in sys.modules)
+  heavy = sorted(m for m in ("tensorflow", "torch", "tensorflow_datasets", "matplotlib")
+                 if m in sys.modules)
   if heavy:
     print(module, "imports", ",".join(heavy))
     break
@@ -30,7 +31,8 @@ LIGHT_MODULES = [
     "avmae_jax.checkpoints.interop", "avmae_jax.checkpoints.train_state",
     "avmae_jax.parallel.mesh", "avmae_jax.training.steps", "avmae_jax.evaluate",
     "avmae_jax.inpaint", "avmae_jax.extract", "avmae_jax.api", "avmae_jax.bench",
-    "avmae_jax.train", "avmae_jax.data.config",
+    "avmae_jax.train", "avmae_jax.data.config", "avmae_jax.embed", "avmae_jax.retrieve",
+    "avmae_jax.gallery", "avmae_jax.report", "avmae_jax.plots", "avmae_jax.evaluators.search",
 ]
 
 
