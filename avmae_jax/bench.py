@@ -17,6 +17,15 @@ r"""Benchmarks that print measured figures; the last line of each is one JSON ob
       autocast and in fp16 autocast with a GradScaler (the authors' setting), with ratios.
   python -m avmae_jax.bench data ...
       prepare and input-pipeline throughput (see avmae_jax/data/benchmark.py).
+  python -m avmae_jax.bench embed --config configs/cav_mae_pretrain.py [--num_clips 16]
+      `embed` on generated clips (10 s, 640x360 H.264 + AAC by default) by the config's
+      model (random parameters unless --checkpoint): clips/s of the whole path (decode,
+      filterbank, frames, transforms, forward pass) and the share of it spent decoding.
+  python -m avmae_jax.bench retrieval --num 100000 --dim 768 [--chunk 4096] [--k 10]
+      retrieval at scale (evaluators/search.py) over --num random unit vectors per
+      modality: both directions' top-k and true-pair ranks, so the figures of
+      metrics.retrieval_metrics; seconds (compile and one query chunk as warmup_s) and
+      the process's peak resident memory.
 
 Every model kind works, MAViL included (configs/mavil_pretrain.py, stage=1 or 2). A MAViL
 stage-2 step includes the frozen teacher's forward pass; with config.teacher empty a
@@ -30,6 +39,7 @@ Timings exclude compilation (reported separately as compile_s) and are the media
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -383,6 +393,106 @@ def bench_aot(args) -> dict:
   }
 
 
+def _unit_vectors(rng, num: int, dim: int, block: int = 8192) -> np.ndarray:
+  """[num, dim] float32 random unit vectors, drawn `block` rows at a time so that drawing
+  them needs little more memory than they take."""
+  out = np.empty((num, dim), np.float32)
+  for start in range(0, num, block):
+    x = rng.standard_normal((min(block, num - start), dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    out[start:start + len(x)] = x
+  return out
+
+
+def _peak_rss_gib() -> float:
+  import resource  # pylint: disable=import-outside-toplevel
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def bench_retrieval(args) -> dict:
+  """Both directions of `search.top_k` with true-pair ranks over random unit vectors: the
+  work of `metrics.retrieval_metrics` (k=1 there) at --num clips, timed after a warm-up."""
+  from avmae_jax.evaluators import search  # pylint: disable=import-outside-toplevel
+  rss_before = _peak_rss_gib()
+  rng = np.random.default_rng(args.seed)
+  audio = _unit_vectors(rng, args.num, args.dim)
+  video = _unit_vectors(rng, args.num, args.dim)
+  pairs = np.arange(args.num)
+  # Warm-up: the same program as the run (one query chunk's shape, all the candidates), so
+  # the timed run compiles nothing; it also searches that one chunk.
+  warm = min(args.chunk, args.num)
+  start = time.perf_counter()
+  search.top_k(audio[:warm], video, args.k, true_index=pairs[:warm], chunk=args.chunk)
+  warmup_s = time.perf_counter() - start
+  result = {"bench": "retrieval", "num": args.num, "dim": args.dim, "chunk": args.chunk,
+            "k": args.k, "seed": args.seed, "warmup_s": round(warmup_s, 3)}
+  seconds = 0.0
+  for name, queries, candidates in (("a2v", audio, video), ("v2a", video, audio)):
+    start = time.perf_counter()
+    found = search.top_k(queries, candidates, args.k, true_index=pairs, chunk=args.chunk)
+    elapsed = time.perf_counter() - start
+    seconds += elapsed
+    result[f"{name}_s"] = round(elapsed, 3)
+    result.update(search.figures(name, found.ranks))
+    # the ranks and the top-k lists agree: nothing scores above a true match listed first
+    if np.any(found.ranks[found.indices[:, 0] == pairs] != 0):
+      raise SystemExit(f"{name}: a true match listed first has a rank above 0")
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  result.update({
+      "seconds": round(seconds, 3),
+      "queries_per_s": round(2 * args.num / seconds, 1),
+      "embeddings_gib": round(audio.nbytes * 2 / 2**30, 3),
+      "rss_before_gib": round(rss_before, 3),
+      "peak_rss_gib": round(_peak_rss_gib(), 3),
+      "device_peak_bytes": stats.get("peak_bytes_in_use"),
+      "backend": jax.default_backend(), "device_kind": device.device_kind,
+  })
+  return result
+
+
+def bench_embed(args) -> dict:
+  """`embed` on generated clips: clips/s of the whole path, and the share spent decoding."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from avmae_jax import api  # pylint: disable=import-outside-toplevel
+  from avmae_jax import embed as embed_lib  # pylint: disable=import-outside-toplevel
+  from avmae_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  config = config_args.load_config(args.config)
+  _override_compute_fields(config, args)
+  if args.checkpoint:
+    model = api.load(args.checkpoint)
+  else:  # timings do not depend on the values
+    module = models.build(config.model)
+    model = api.LoadedModel(module, models.init_params(module))
+  data = embed_lib.data_config(model, config if "eval_data" in config else None)
+  stored_frames = 10 if data.mode == "cav_mae" else 20
+  with tempfile.TemporaryDirectory() as tmp:
+    files = []
+    for i in range(args.num_clips + 1):
+      path = os.path.join(tmp, f"clip{i:03d}.mp4")
+      synthetic.write_video(path, synthetic.draw_scene(0, "test", i, seconds=args.seconds),
+                            width=args.width, height=args.height)
+      files.append(path)
+    warm, files = files[:1], files[1:]
+    start = time.perf_counter()  # compiles the forward pass and the transforms
+    list(embed_lib.embed_files(model, data, warm * args.batch_size, batch_size=args.batch_size))
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for path in files:
+      embed_lib.decode(path, stored_frames, data.target_length)
+    decode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rounds = list(embed_lib.embed_files(model, data, files, batch_size=args.batch_size))
+    total_s = time.perf_counter() - start
+  assert not any(failed for _, failed in rounds)
+  return {"bench": "embed", "config": args.config, "kind": model.kind,
+          "num_clips": args.num_clips, "seconds_per_clip": args.seconds,
+          "size": f"{args.width}x{args.height}", "batch_size": args.batch_size,
+          "clips_per_s": round(args.num_clips / total_s, 3), "total_s": round(total_s, 2),
+          "decode_s": round(decode_s, 2), "decode_share": round(decode_s / total_s, 3),
+          "warmup_s": round(warmup_s, 2), "backend": jax.default_backend()}
+
+
 def _compute_flags(parser) -> None:
   """Overrides of how the model computes (models/layers.py); default: the config's."""
   parser.add_argument("--remat_policy", choices=layers.REMAT_POLICIES, default=None)
@@ -433,6 +543,26 @@ def main(argv=None):
   device.add_argument("--models", default="cav_mae,mavil", type=lambda v: v.split(","),
                       help="which of cav_mae,mavil to time (the PyTorch port runs CAV-MAE)")
   _compute_flags(device)
+  retrieval = sub.add_parser(
+      "retrieval", help="chunked top-k retrieval and ranks over random unit vectors: seconds "
+      "and peak resident memory")
+  retrieval.add_argument("--num", type=int, required=True, help="clips (vectors per modality)")
+  retrieval.add_argument("--dim", type=int, required=True, help="vector size")
+  retrieval.add_argument("--chunk", type=int, default=4096,
+                         help="rows of queries and of candidates per block")
+  retrieval.add_argument("--k", type=int, default=10, help="nearest candidates kept per query")
+  retrieval.add_argument("--seed", type=int, default=0)
+  embed = sub.add_parser("embed", help="files in, embeddings out: clips/s and the decoding "
+                         "share on generated clips")
+  embed.add_argument("--config", required=True, help="configs/FILE.py[:args] (its model)")
+  embed.add_argument("--checkpoint", default="", help="a model to load instead of random "
+                     "parameters of the config's model (timings do not depend on them)")
+  embed.add_argument("--num_clips", type=int, default=16)
+  embed.add_argument("--seconds", type=float, default=10.0)
+  embed.add_argument("--width", type=int, default=640)
+  embed.add_argument("--height", type=int, default=360)
+  embed.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
+  _compute_flags(embed)
   sub.add_parser("data", help="prepare and input-pipeline throughput", add_help=False)
   args, rest = parser.parse_known_args(argv)
   if args.command == "data":
@@ -443,7 +573,30 @@ def main(argv=None):
   if (min(getattr(args, "batch_sizes", None) or [getattr(args, "batch_size", 1)]) < 1
       or getattr(args, "steps", 1) < 1):
     parser.error("batch sizes and --steps must be positive")
-  if args.command == "device":
+  if args.command == "embed":
+    for name in ("num_clips", "width", "height", "batch_size"):
+      if getattr(args, name) < 1:
+        parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    result = bench_embed(args)
+    print(f"embed of {result['num_clips']} clips of {result['seconds_per_clip']:g} s "
+          f"({result['size']}) by {result['kind']} on {result['backend']}: "
+          f"{result['clips_per_s']:.2f} clips/s ({result['total_s']:.1f} s), decoding "
+          f"{100 * result['decode_share']:.0f}% of it ({result['decode_s']:.1f} s); warm-up "
+          f"{result['warmup_s']:.1f} s")
+  elif args.command == "retrieval":
+    for name in ("num", "dim", "chunk", "k"):
+      if getattr(args, name) < 1:
+        parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.k > args.num:
+      parser.error(f"--k {args.k} is more than --num {args.num} candidates")
+    result = bench_retrieval(args)
+    print(f"retrieval of {result['num']} x {result['dim']} (chunk {result['chunk']}, top "
+          f"{result['k']}) on {result['backend']}: {result['seconds']:.2f} s both directions "
+          f"(a2v {result['a2v_s']:.2f} s, v2a {result['v2a_s']:.2f} s; warm-up "
+          f"{result['warmup_s']:.2f} s), peak resident memory {result['peak_rss_gib']:.2f} GiB "
+          f"(embeddings {result['embeddings_gib']:.2f} GiB); a2v R@1 {result['a2v_r1']:.3f}%, "
+          f"median rank {result['a2v_median_rank']:.1f}")
+  elif args.command == "device":
     if "cav_mae" not in args.models or set(args.models) - {"cav_mae", "mavil"}:
       parser.error("--models: cav_mae (which the PyTorch port is compared with), optionally "
                    "mavil")

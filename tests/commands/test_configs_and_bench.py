@@ -224,3 +224,19 @@ def test_bench_device_takes_the_largest_batch_that_fits():
     raise RuntimeError("INVALID_ARGUMENT: something else")
   with pytest.raises(RuntimeError, match="something else"):  # not a memory error: raised
     bench._largest_batch(broken, [8])
+
+
+@pytest.mark.slow
+def test_bench_embed_times_generated_clips(capsys):
+  # Tiny: the demo's model (random parameters) on two short small clips.
+  from avmae_jax import bench  # pylint: disable=import-outside-toplevel
+  demo = os.path.join(ROOT, "configs", "demo.py")
+  assert bench.main(["embed", "--config", demo, "--num_clips", "2",
+                     "--seconds", "2", "--width", "160", "--height", "120",
+                     "--batch_size", "2"]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report["bench"] == "embed" and report["num_clips"] == 2
+  assert report["clips_per_s"] == pytest.approx(2 / report["total_s"], rel=0.1)
+  assert 0 < report["decode_share"] < 1 and report["decode_s"] < report["total_s"]
+  with pytest.raises(SystemExit):
+    bench.main(["embed", "--config", demo, "--num_clips", "0"])
