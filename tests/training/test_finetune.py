@@ -242,6 +242,7 @@ def _linear_resample(table, n):
   return (1 - w) * table[lo].astype(np.float64) + w * table[hi].astype(np.float64)
 
 
+@pytest.mark.slow
 def test_init_audio_pos_fits_a_longer_checkpoints_audio_positions(tmp_path):
   # A model pretrained on 512 frames (8 x 32 audio patches) fine-tuned at 256 (8 x 16).
   torch = pytest.importorskip("torch")
