@@ -257,24 +257,25 @@ def test_init_audio_pos_fits_a_longer_checkpoints_audio_positions(tmp_path):
   want = {"crop": grid[:, :AUDIO // 16],
           "interpolate": np.swapaxes(_linear_resample(np.swapaxes(grid, 0, 1), AUDIO // 16),
                                      0, 1)}
-  for how in ("crop", "interpolate"):
-    trainer, mesh = make_trainer(ft_config(init_audio_pos=how))
-    with jax.set_mesh(mesh):
-      state, _ = trainer.init_from(trainer.init(), str(tmp_path / "wide.pth"))
-    got = flat(trainer.native_params(state.params))
-    np.testing.assert_allclose(got["pos_embed_a"][0].reshape(8, AUDIO // 16, -1), want[how],
-                               rtol=1e-6, atol=1e-6, err_msg=how)
-    np.testing.assert_array_equal(got["pos_embed_v"], sd["pos_embed_v"])
-    np.testing.assert_array_equal(got["blocks_a.0.attn.qkv.weight"],
-                                  sd["blocks_a.0.attn.qkv.weight"])
-  with pytest.raises(interop.CheckpointError, match=r"set config.init_audio_pos to crop"):
-    trainer, mesh = make_trainer(ft_config())
-    with jax.set_mesh(mesh):
-      trainer.init_from(trainer.init(), str(tmp_path / "wide.pth"))
-  with pytest.raises(ValueError, match=r"config.init_audio_pos must be one of"):
-    trainer, mesh = make_trainer(ft_config(init_audio_pos="stretch"))
-    with jax.set_mesh(mesh):
-      trainer.init_from(trainer.init(), str(tmp_path / "wide.pth"))
+  # One trainer: init_from reads config.init_audio_pos when it is called.
+  trainer, mesh = make_trainer(ft_config())
+  with jax.set_mesh(mesh):
+    fresh = trainer.init()
+    for how in ("crop", "interpolate"):
+      trainer.config.init_audio_pos = how
+      state, _ = trainer.init_from(fresh, str(tmp_path / "wide.pth"))
+      got = flat(trainer.native_params(state.params))
+      np.testing.assert_allclose(got["pos_embed_a"][0].reshape(8, AUDIO // 16, -1),
+                                 want[how], rtol=1e-6, atol=1e-6, err_msg=how)
+      np.testing.assert_array_equal(got["pos_embed_v"], sd["pos_embed_v"])
+      np.testing.assert_array_equal(got["blocks_a.0.attn.qkv.weight"],
+                                    sd["blocks_a.0.attn.qkv.weight"])
+    trainer.config.init_audio_pos = ""
+    with pytest.raises(interop.CheckpointError, match=r"set config.init_audio_pos to crop"):
+      trainer.init_from(fresh, str(tmp_path / "wide.pth"))
+    trainer.config.init_audio_pos = "stretch"
+    with pytest.raises(ValueError, match=r"config.init_audio_pos must be one of"):
+      trainer.init_from(fresh, str(tmp_path / "wide.pth"))
 
 
 @pytest.mark.parametrize("kind", ["cav_mae", "mavil"])
