@@ -67,8 +67,13 @@ def find_files(paths: Sequence[str]) -> list[str]:
   return out
 
 
-def _is_audio_only(path: str) -> bool:
+def is_audio_only(path: str) -> bool:
   return path.lower().endswith(AUDIO_EXTENSIONS)
+
+
+def stored_frames(mode: str) -> int:
+  """Frames decoded per clip, as `prepare --frames cavmae|fps2` stores them for a mode."""
+  return schema.CAV_MAE_NUM_FRAMES if mode == "cav_mae" else schema.FPS2_NUM_FRAMES
 
 
 def audio_windows(fbank: np.ndarray, length: int) -> np.ndarray:
@@ -92,23 +97,19 @@ def decode(path: str, num_frames: int, target_length: int,
   Raises audio.AudioError / video.VideoError naming the file and the reason.
   """
   from avmae_jax.data import audio  # pylint: disable=import-outside-toplevel
+  from avmae_jax.data import clip  # pylint: disable=import-outside-toplevel
   from avmae_jax.data import video  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise audio.AudioError(f"{path}: no such file")
-  wave = audio.load_audio(path)
-  fbank = audio.clip_fbank(wave, target_frames=None)
-  if not np.all(np.isfinite(fbank)):
-    raise audio.AudioError(f"{path}: filterbank is not finite")
-  if _is_audio_only(path):
+  has_video = not is_audio_only(path)
+  # prepare's decoding (float16 log-mel, as prepared datasets store it), every frame kept.
+  decoded = clip.extract_clip(path, num_frames, target_frames=None, with_video=has_video)
+  fbank, frames, times = (decoded[k] for k in (schema.FBANK, schema.FRAMES,
+                                               schema.FRAME_TIMES))
+  if not has_video:  # black frames spread over the clip: the video tower's input is unused
     black = video.encode_jpeg(np.zeros((schema.FRAME_SIZE, schema.FRAME_SIZE, 3), np.uint8))
-    seconds = len(wave) / schema.SAMPLE_RATE
-    frames, times, has_video = [black] * num_frames, np.arange(num_frames) * (
-        seconds / num_frames), False
-  else:
-    frames, times = video.extract_frames(path, num_frames=num_frames)
-    has_video = True
-  # float16, as prepared datasets store it, so that both give the same features.
-  fbank = fbank.astype(np.float16)
+    seconds = len(fbank) * schema.FRAME_SHIFT_S
+    frames, times = [black] * num_frames, np.arange(num_frames) * (seconds / num_frames)
   if not windows:  # the start only, as prepare + extract see a clip
     fbank = fbank[:target_length]
   return {"windows": audio_windows(fbank, target_length),
@@ -159,14 +160,12 @@ def embed_files(model: api.LoadedModel, data: ml_collections.ConfigDict, files: 
   import tqdm  # pylint: disable=import-outside-toplevel
   c = ml_collections.ConfigDict(data.to_dict())
   c.batch_size = batch_size
-  # As `prepare --frames cavmae|fps2` stores them (10, or 20 = 2 per second of a 10 s clip).
-  stored_frames = schema.CAV_MAE_NUM_FRAMES if c.mode == "cav_mae" else 20
   bar = tqdm.tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr)
   for start in range(0, len(files), FILES_PER_ROUND):
     good, decoded, failed = [], [], []
     for path in files[start:start + FILES_PER_ROUND]:
       try:
-        decoded.append(decode(path, stored_frames, c.target_length, windows))
+        decoded.append(decode(path, stored_frames(c.mode), c.target_length, windows))
         good.append(path)
       except ValueError as e:  # AudioError, VideoError: the message names the file
         failed.append({"path": path, "reason": str(e)})

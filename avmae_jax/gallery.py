@@ -45,14 +45,11 @@ h1 { font-size: 18px; margin: 0 0 4px; }
 
 def _from_file(path: str) -> dict[str, Any]:
   from avmae_jax import embed  # pylint: disable=import-outside-toplevel
-  from avmae_jax.data import audio  # pylint: disable=import-outside-toplevel
-  from avmae_jax.data import video  # pylint: disable=import-outside-toplevel
-  fbank = audio.clip_fbank(audio.load_audio(path), target_frames=None)
-  frame = None
-  if not path.lower().endswith(embed.AUDIO_EXTENSIONS):
-    frames, _ = video.extract_frames(path, num_frames=schema.CAV_MAE_NUM_FRAMES)
-    frame = bytes(frames[len(frames) // 2])
-  return {"fbank": fbank[:schema.TARGET_FRAMES], "frame": frame}
+  from avmae_jax.data import clip  # pylint: disable=import-outside-toplevel
+  decoded = clip.extract_clip(path, target_frames=None, with_video=not embed.is_audio_only(path))
+  frames = decoded[schema.FRAMES]
+  return {"fbank": decoded[schema.FBANK][:schema.TARGET_FRAMES].astype(np.float32),
+          "frame": bytes(frames[len(frames) // 2]) if frames is not None else None}
 
 
 def clip_media(arrays: dict[str, Any], rows, meta: dict[str, Any]) -> dict[int, dict]:

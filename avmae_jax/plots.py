@@ -19,7 +19,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-FRAME_SHIFT_S = 0.01  # the log-mel's 10 ms hop (data/audio.py, frame_shift_ms)
+from avmae_jax.data import schema
+
+FRAME_SHIFT_S = schema.FRAME_SHIFT_S  # the log-mel's 10 ms hop
 FONT_SIZE = 7  # small figures (thumbnails, report panels) stay legible at this size
 
 

@@ -39,9 +39,11 @@ import ml_collections
 import numpy as np
 
 from avmae_jax import plots
+from avmae_jax.checkpoints import model_dir
 from avmae_jax.models import common as models_common
+from avmae_jax.training import summary
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = summary.METRICS_FILE
 PNG_FILE = "report.png"
 HTML_FILE = "report.html"
 # Record kinds of metrics.jsonl (training/summary.py) and how the page names them.
@@ -276,7 +278,6 @@ def _inpainting(workdir: str, config: Optional[ml_collections.ConfigDict], num: 
   from avmae_jax import cli
   from avmae_jax import inpaint
   from avmae_jax import models
-  from avmae_jax.checkpoints import model_dir
   from avmae_jax.evaluators.common import EvaluationError
   # pylint: enable=import-outside-toplevel
   try:
@@ -395,14 +396,13 @@ def render_html(workdir: str, plot_png: bytes, panel_list: list[Panel],
 
 
 def _read_model_json(workdir: str) -> Optional[dict]:
-  path = os.path.join(workdir, "model.json")
-  if not os.path.isfile(path):
-    return None
   try:
-    with open(path) as f:
-      return json.load(f).get("model")
-  except (json.JSONDecodeError, AttributeError) as e:
-    raise ReportError(f"{path} is not a model config ({e})") from e
+    return model_dir.read_model_config(workdir)
+  except FileNotFoundError:
+    return None
+  except ValueError as e:  # not JSON, or not avmae_jax's model.json format
+    raise ReportError(f"{os.path.join(workdir, model_dir.MODEL_JSON)} is not a model config "
+                      f"({e})") from e
 
 
 def run(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
@@ -418,7 +418,6 @@ def run(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
   records = read_records(workdir)
   config_source = "as --config gives it"
   if config is None:  # the run's own, where the workdir records it (train writes it)
-    from avmae_jax.checkpoints import model_dir  # pylint: disable=import-outside-toplevel
     recorded = model_dir.read_run_config(workdir)
     if recorded is not None:
       config = ml_collections.ConfigDict(recorded)

@@ -125,10 +125,7 @@ def retrieve(index: dict[str, Any], queries: dict[str, Any], direction: str = "a
     out_queries.append(entry)
   metrics = None
   if ranks and len(ranks) == int(ok_queries.sum()):
-    ranks = np.asarray(ranks)
-    metrics = {f"r{n}": float(100.0 * np.mean(ranks < n)) for n in (1, 5, 10)}
-    metrics["median_rank"] = float(np.median(ranks) + 1)
-    metrics["num_queries"] = int(len(ranks))
+    metrics = {**search.figures("", np.asarray(ranks)), "num_queries": len(ranks)}
   return {"direction": direction, "k": int(k), "index": index_name,
           "model": index["meta"].get("model"), "num_index_rows": int(len(usable)),
           "metrics": metrics, "queries": out_queries}
@@ -190,7 +187,9 @@ def run(index_dir: str, query_paths: Sequence[str], query_index: str = "",
   try:
     index = extract.read_index(index_dir)
     failed = []
-    if query_index:
+    if query_index and os.path.abspath(query_index) == os.path.abspath(index_dir):
+      queries = index  # the index against itself: read once
+    elif query_index:
       queries = extract.read_index(query_index)
     else:
       queries, _ = embed_queries(index, query_paths, checkpoint, step)

@@ -18,17 +18,25 @@ from avmae_jax.data import video
 def extract_clip(path: os.PathLike | str,
                  num_frames: int = schema.CAV_MAE_NUM_FRAMES,
                  downmix: bool = False,
-                 jpeg_quality: int = video.DEFAULT_JPEG_QUALITY) -> dict:
+                 jpeg_quality: int = video.DEFAULT_JPEG_QUALITY,
+                 target_frames: int | None = schema.TARGET_FRAMES,
+                 with_video: bool = True) -> dict:
   """Decodes a media file into {fbank, frames, frame_times} of schema.py.
+
+  target_frames: the log-mel padded or cropped to this many frames (None: every frame, as
+  `embed` takes long clips). with_video=False (audio-only files): frames and frame_times
+  are None.
 
   Raises:
     audio.AudioError, video.VideoError: with the file name and the reason.
   """
   wave = audio.load_audio(path, downmix=downmix)
-  fbank = audio.clip_fbank(wave)
+  fbank = audio.clip_fbank(wave, target_frames=target_frames)
   if not np.all(np.isfinite(fbank)):
     raise audio.AudioError(f"{os.fspath(path)}: filterbank is not finite")
-  frames, times = video.extract_frames(path, num_frames=num_frames, quality=jpeg_quality)
+  frames = times = None
+  if with_video:
+    frames, times = video.extract_frames(path, num_frames=num_frames, quality=jpeg_quality)
   return {
       schema.FBANK: fbank.astype(np.float16),
       schema.FRAMES: frames,

@@ -22,7 +22,9 @@ TARGET_FRAMES = 1024
 NUM_MEL_BINS = 128
 FRAME_SIZE = 224
 CAV_MAE_NUM_FRAMES = 10
+FPS2_NUM_FRAMES = 20  # `--frames fps2`, MAViL's: 2 frames/s over 10 s
 SAMPLE_RATE = 16000
+FRAME_SHIFT_S = 0.01  # the log-mel's hop (data/audio.py, frame_shift_ms)
 
 # Where `prepare` caches per-clip features beside a dataset, and the video files it takes.
 PREPARE_DIR = "_prepare"

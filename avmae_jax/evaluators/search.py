@@ -79,9 +79,10 @@ def retrieval_metrics(audio, video, ks: Sequence[int] = (1, 5, 10), chunk: int =
 
 def figures(name: str, ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
   """<name>_r<k> (percent of queries ranked below k) and <name>_median_rank (1-based) from
-  0-based ranks of the true matches."""
-  out = {f"{name}_r{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
-  out[f"{name}_median_rank"] = float(np.median(ranks) + 1)
+  0-based ranks of the true matches (r<k>, median_rank for an empty name)."""
+  prefix = f"{name}_" if name else ""
+  out = {f"{prefix}r{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+  out[f"{prefix}median_rank"] = float(np.median(ranks) + 1)
   return out
 
 

@@ -12,13 +12,15 @@ from typing import Mapping, Optional
 
 import jax
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class MetricWriter:
   """Appends scalars to DIR/metrics.jsonl and DIR/tensorboard/ (process 0 only)."""
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, METRICS_FILE)
     self._events = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
@@ -59,6 +61,6 @@ def _plain(value):
 
 def read_metrics(workdir: str, kind: Optional[str] = None) -> list[dict]:
   """The records of DIR/metrics.jsonl (of one kind: None = training steps)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
     records = [json.loads(line) for line in f if line.strip()]
   return [r for r in records if r.get("kind") == kind]
